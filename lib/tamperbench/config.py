@@ -1,0 +1,232 @@
+"""The study configuration: the top-level ``_config.yml``.
+
+Layout::
+
+    shared:            # written once, injected into every notebook
+      seed: 0
+      dataset: fashion_mnist
+      ...
+    default_profile: cpu
+    profiles:
+      ci:              # tiny: the smoke test
+        shared: {epochs: 1}          # optional overrides of shared values
+        01_classifier: {n_show: 4}   # one block per notebook: its parameters
+      cpu: {...}
+      gpu: {...}
+
+The valid parameters of a notebook are those of its Papermill ``parameters`` cell; their
+defaults (or annotations) give their types. Any unknown key or wrong type is a
+:class:`ConfigError` that names it and lists the valid choices.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from . import paths
+
+CONFIG_PATH = paths.REPO_ROOT / "_config.yml"
+NOTEBOOKS_DIR = paths.REPO_ROOT / "notebooks"
+
+#: Shared parameters and their types. Classifier training lives here because every chapter
+#: reloads the same cached classifier, so they must all agree on how it was trained.
+SHARED_TYPES: dict[str, tuple[type, ...]] = {
+    "seed": (int,),
+    "device": (str,),
+    "dataset": (str,),
+    "model": (str,),
+    "epochs": (int,),
+    "batch_size": (int,),
+    "lr": (float,),
+    "n_train": (int, type(None)),
+}
+TOP_KEYS = ("shared", "default_profile", "profiles")
+#: Injected by the runner into every notebook, never set in the file.
+RUNNER_KEYS = ("profile",)
+
+
+class ConfigError(ValueError):
+    """The study configuration or an override is invalid."""
+
+
+def _type_ok(value: Any, types: tuple[type, ...]) -> bool:
+    if isinstance(value, bool) and bool not in types:
+        return False  # YAML's true/false must not pass as an int
+    if isinstance(value, int) and float in types:
+        return True
+    return isinstance(value, types)
+
+
+def _names(types: tuple[type, ...]) -> str:
+    return " or ".join("None" if t is type(None) else t.__name__ for t in types)
+
+
+_ANNOTATIONS = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None), "list": list, "dict": dict}
+
+
+def _types_from(annotation: ast.expr | None, default: Any) -> tuple[type, ...]:
+    """Allowed types of a parameter: its annotation (``int | None``) or its default's type."""
+    if annotation is not None:
+        text = ast.unparse(annotation).replace("Optional[", "").replace("]", " | None")
+        types = tuple(_ANNOTATIONS[a.strip()] for a in text.split("|") if a.strip() in _ANNOTATIONS)
+        if types:
+            return types
+    if type(default) in _ANNOTATIONS.values():
+        return (type(default),)
+    return (object,)
+
+
+@lru_cache(maxsize=64)
+def _notebook_parameters_cached(path: str, mtime: float) -> dict[str, tuple[type, ...]]:
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    if not cells:
+        raise ConfigError(f"{Path(path).name} has no cell tagged 'parameters'")
+    out = {}
+    for node in ast.parse(cells[0].source).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            name, annotation, value = node.targets[0].id, None, node.value
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+            name, annotation, value = node.target.id, node.annotation, node.value
+        else:
+            continue
+        try:
+            default = ast.literal_eval(value)
+        except ValueError:
+            default = object()
+        out[name] = _types_from(annotation, default)
+    return out
+
+
+def notebook_parameters(path: Path) -> dict[str, tuple[type, ...]]:
+    """The parameters declared in a notebook's ``parameters`` cell, with their allowed types."""
+    return _notebook_parameters_cached(str(path), path.stat().st_mtime)
+
+
+def list_notebooks(notebooks_dir: Path = NOTEBOOKS_DIR) -> list[Path]:
+    """The study's notebooks in reading order (``NN_name.ipynb``)."""
+    return sorted(p for p in Path(notebooks_dir).glob("[0-9][0-9]_*.ipynb"))
+
+
+def parse_value(text: str) -> Any:
+    """Parse a command-line value as YAML: ``3`` → int, ``0.1`` → float, ``null`` → None."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+@dataclass
+class StudyConfig:
+    shared: dict
+    default_profile: str
+    profiles: dict
+    notebooks: dict[str, dict[str, tuple[type, ...]]]  # name → its declared parameters
+
+    def check_profile(self, profile: str) -> str:
+        if profile not in self.profiles:
+            raise ConfigError(f"unknown profile {profile!r}; valid profiles: {', '.join(self.profiles)}")
+        return profile
+
+    def parameters(self, profile: str, notebook: str, overrides: Mapping[str, Any] | None = None) -> dict:
+        """The parameters Papermill injects into ``notebook`` under ``profile`` and ``overrides``."""
+        self.check_profile(profile)
+        if notebook not in self.notebooks:
+            raise ConfigError(f"unknown notebook {notebook!r}; valid notebooks: {', '.join(self.notebooks)}")
+        declared = self.notebooks[notebook]
+        prof = self.profiles[profile] or {}
+        params = {"profile": profile, **self.shared, **prof.get("shared", {}), **prof.get(notebook, {})}
+        for key, value in (overrides or {}).items():
+            if key in SHARED_TYPES or key in declared:
+                params[key] = value
+        for key, value in params.items():
+            types = SHARED_TYPES.get(key) or declared.get(key, (object,))
+            if not _type_ok(value, types):
+                raise ConfigError(f"parameter {key!r} of {notebook} must be {_names(types)}, got {value!r}")
+        return params
+
+    def check_overrides(self, overrides: Mapping[str, Any], notebooks: list[str]) -> None:
+        valid = set(SHARED_TYPES).union(*(self.notebooks[n] for n in notebooks)) - set(RUNNER_KEYS)
+        for key in overrides:
+            if key not in valid:
+                raise ConfigError(f"unknown parameter {key!r} for {', '.join(notebooks)}; valid parameters: {', '.join(sorted(valid))}")
+
+
+def _check_shared(block: Any, where: str, require_all: bool) -> dict:
+    if not isinstance(block, dict):
+        raise ConfigError(f"{where} must be a mapping of parameters; valid keys: {', '.join(SHARED_TYPES)}")
+    for key, value in block.items():
+        if key not in SHARED_TYPES:
+            raise ConfigError(f"unknown key {key!r} in {where}; valid keys: {', '.join(SHARED_TYPES)}")
+        if not _type_ok(value, SHARED_TYPES[key]):
+            raise ConfigError(f"{where}.{key} must be {_names(SHARED_TYPES[key])}, got {value!r}")
+    if require_all:
+        missing = [k for k in SHARED_TYPES if k not in block]
+        if missing:
+            raise ConfigError(f"{where} lacks {', '.join(missing)}; it must set: {', '.join(SHARED_TYPES)}")
+    from . import data, models
+
+    for key, registry in (("dataset", data.available()), ("model", models.available())):
+        if key in block and block[key] not in registry:
+            raise ConfigError(f"{where}.{key}: unknown {key} {block[key]!r}; valid choices: {', '.join(registry)}")
+    return block
+
+
+def load(path: Path = CONFIG_PATH, notebooks_dir: Path = NOTEBOOKS_DIR) -> StudyConfig:
+    """Read and validate the study configuration against the notebooks' parameters cells."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"study configuration {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must be a mapping with keys: {', '.join(TOP_KEYS)}")
+    for key in raw:
+        if key not in TOP_KEYS:
+            raise ConfigError(f"unknown key {key!r} in {path.name}; valid keys: {', '.join(TOP_KEYS)}")
+    shared = _check_shared(raw.get("shared", {}), "shared", require_all=True)
+
+    notebooks = {}
+    for nb in list_notebooks(notebooks_dir):
+        declared = notebook_parameters(nb)
+        missing = [k for k in (*SHARED_TYPES, *RUNNER_KEYS) if k not in declared]
+        if missing:
+            raise ConfigError(f"the parameters cell of {nb.name} lacks {', '.join(missing)} (every notebook declares the shared parameters)")
+        notebooks[nb.stem] = {k: v for k, v in declared.items() if k not in SHARED_TYPES}
+
+    profiles = raw.get("profiles")
+    if not isinstance(profiles, dict) or not profiles:
+        raise ConfigError(f"{path.name} needs a 'profiles' mapping (for example ci, cpu, gpu)")
+    for name, prof in profiles.items():
+        prof = prof or {}
+        if not isinstance(prof, dict):
+            raise ConfigError(f"profile {name!r} must be a mapping")
+        for key, block in prof.items():
+            where = f"profiles.{name}.{key}"
+            if key == "shared":
+                _check_shared(block, where, require_all=False)
+                continue
+            if key not in notebooks:
+                raise ConfigError(f"unknown key {key!r} in profile {name!r}; valid keys: shared, {', '.join(notebooks)}")
+            if not isinstance(block, dict):
+                raise ConfigError(f"{where} must be a mapping of parameters; valid keys: {', '.join(sorted(notebooks[key]))}")
+            valid = {k: v for k, v in notebooks[key].items() if k not in RUNNER_KEYS}
+            for pkey, value in block.items():
+                if pkey not in valid:
+                    raise ConfigError(f"unknown parameter {pkey!r} in {where}; valid parameters: {', '.join(sorted(valid))}")
+                if not _type_ok(value, valid[pkey]):
+                    raise ConfigError(f"{where}.{pkey} must be {_names(valid[pkey])}, got {value!r}")
+    default = raw.get("default_profile", "cpu")
+    if default not in profiles:
+        raise ConfigError(f"default_profile {default!r} is not a profile; valid profiles: {', '.join(profiles)}")
+    return StudyConfig(shared, default, profiles, notebooks)

@@ -1,0 +1,43 @@
+"""Figures that several chapters draw: image grids and labelled heatmaps."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import torch
+
+
+def image_grid(rows: list, row_labels=None, col_labels=None, cmap="gray", size: float = 1.1, vmin=0.0, vmax=1.0):
+    """Draw ``rows`` (a list of rows, each a list or tensor of C×H×W / H×W images) as a grid."""
+    n_rows, n_cols = len(rows), max(len(r) for r in rows)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(size * n_cols, size * n_rows), squeeze=False)
+    for i, row in enumerate(rows):
+        for j in range(n_cols):
+            ax = axes[i, j]
+            ax.set_xticks([]), ax.set_yticks([])
+            for s in ax.spines.values():
+                s.set_visible(False)
+            if j >= len(row):
+                continue
+            img = row[j].detach().cpu().numpy() if isinstance(row[j], torch.Tensor) else np.asarray(row[j])
+            if img.ndim == 3:
+                img = img[0] if img.shape[0] == 1 else np.transpose(img, (1, 2, 0))
+            ax.imshow(img, cmap=cmap, vmin=vmin, vmax=vmax)
+            if i == 0 and col_labels is not None:
+                ax.set_title(str(col_labels[j]), fontsize=8)
+        if row_labels is not None:
+            axes[i, 0].set_ylabel(str(row_labels[i]), fontsize=8, rotation=0, ha="right", va="center")
+    fig.tight_layout()
+    return fig
+
+
+def heatmap(tidy: pd.DataFrame, index: str, columns: str, values: str, fmt: str = ".2f", title: str = "", **kw):
+    """A seaborn heatmap of a tidy table (one row per cell)."""
+    grid = tidy.pivot(index=index, columns=columns, values=values)
+    fig, ax = plt.subplots(figsize=(1 + 0.7 * grid.shape[1], 0.8 + 0.45 * grid.shape[0]))
+    sns.heatmap(grid, annot=True, fmt=fmt, cmap=kw.pop("cmap", "viridis"), ax=ax, **kw)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
