@@ -14,7 +14,7 @@ SHARED_CELL = "\n".join(
         "epochs = 1",
         "batch_size = 8",
         "lr = 0.1",
-        "n_train: int | None = None",
+        "n_train = None",
     ]
 )
 

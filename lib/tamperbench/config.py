@@ -77,9 +77,9 @@ def _types_from(annotation: ast.expr | None, default: Any) -> tuple[type, ...]:
         types = tuple(_ANNOTATIONS[a.strip()] for a in text.split("|") if a.strip() in _ANNOTATIONS)
         if types:
             return types
-    if type(default) in _ANNOTATIONS.values():
+    if default is not None and type(default) in _ANNOTATIONS.values():
         return (type(default),)
-    return (object,)
+    return (object,)  # None or an expression: the notebook accepts whatever it is given
 
 
 @lru_cache(maxsize=64)

@@ -146,6 +146,8 @@ class Trained:
     params: dict = field(default_factory=dict)
     from_cache: bool = False
     train_seconds: float = 0.0
+    input_shape: tuple[int, int, int] = (1, 28, 28)
+    num_classes: int = 10
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -213,17 +215,18 @@ def train_or_load(
     dev = pick_device(device)
     train = data.load(dataset, "train", seed=cfg.seed).take(cfg.n_train, cfg.seed)
     c, h, w = train.shape
+    n_classes = len(train.classes)
     params = {"model": name, "dataset": dataset, "version": TRAIN_VERSION, **vars(cfg)}
 
     def make():
-        return build(name, in_channels=c, num_classes=len(train.classes), image_size=h)
+        return build(name, in_channels=c, num_classes=n_classes, image_size=h)
 
     hit = cache.load("classifier", params)
     if hit is not None:
         try:
             model = make()
             model.load_state_dict(hit["state_dict"])
-            return Trained(model.to(dev).eval(), hit["history"], params, True, hit["train_seconds"])
+            return Trained(model.to(dev).eval(), hit["history"], params, True, hit["train_seconds"], (c, h, w), n_classes)
         except (KeyError, RuntimeError, TypeError) as exc:
             import warnings
 
@@ -237,4 +240,4 @@ def train_or_load(
     seconds = time.perf_counter() - start
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     cache.save("classifier", params, {"state_dict": state, "history": history, "train_seconds": seconds})
-    return Trained(model.eval(), history, params, False, seconds)
+    return Trained(model.eval(), history, params, False, seconds, (c, h, w), n_classes)

@@ -1,0 +1,404 @@
+"""The attack registry: nine ART evasion attacks behind one verb, with cached per-sample records.
+
+    rec = attack("pgd", model, eps=0.1, max_iter=40).generate(x, y)
+
+``model`` is a PyTorch classifier that outputs logits (or a :class:`models.Trained`). It is
+wrapped in ART's ``PyTorchClassifier`` (float32 input, clip values [0, 1], the device set
+explicitly) with counters of the model queries and gradient evaluations the attack makes.
+
+Every budget is explicit: ART's defaults crawl on CPU (``batch_size=1`` for DeepFool and CW,
+``max_eval=10000`` for HopSkipJump). Black-box attacks draw from NumPy's global RNG, so it is
+seeded immediately before each of them.
+
+``generate`` returns an :class:`AttackRecord` (clean and adversarial inputs, labels,
+predictions, success, L∞/L2/L0 norms, wall time, queries). Records are cached under
+``data/artifacts/attack/`` keyed by the model's weights, the inputs, the attack, its full budget
+and the seed, so that later chapters (tampered datasets, detectors) reuse them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import cache, models
+
+RECORD_VERSION = 1
+NORMS = {"inf": np.inf, "2": 2}
+
+
+class AttackError(ValueError):
+    """A bad attack name, budget or input."""
+
+
+# --------------------------------------------------------------------------- budgets
+def _positive(x):
+    return x > 0
+
+
+def _non_negative(x):
+    return x >= 0
+
+
+@dataclass(frozen=True)
+class Param:
+    default: Any
+    kind: type  # int, float or str
+    check: Callable[[Any], bool] | None = None
+    rule: str = ""  # what ``check`` demands, for the error message
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    art_class: str
+    box: str  # "white" or "black"
+    budget: dict[str, Param]
+    targeted: bool  # whether ART supports a targeted version
+    #: gradient evaluations per image the budget allows (white box only)
+    gradient_bound: Callable[[dict], float] | None = None
+    extra: dict = field(default_factory=dict)  # fixed ART arguments
+
+
+EPS = Param(0.1, float, None, "in [0, clip_max]")  # checked against the clip range and norm
+NORM_INF_2 = Param("inf", str, lambda v: v in NORMS, "one of: inf, 2")
+STEPS = Param(20, int, _positive, "≥ 1")
+
+ATTACKS: dict[str, AttackSpec] = {
+    "fgsm": AttackSpec(
+        "FastGradientMethod", "white",
+        {"eps": EPS, "norm": NORM_INF_2}, True, lambda b: 1,
+    ),
+    "bim": AttackSpec(
+        "BasicIterativeMethod", "white",
+        {"eps": EPS, "eps_step": Param(0.01, float, _positive, "> 0"), "max_iter": STEPS}, True,
+        lambda b: b["max_iter"],
+    ),
+    "pgd": AttackSpec(
+        "ProjectedGradientDescent", "white",
+        {"eps": EPS, "eps_step": Param(0.01, float, _positive, "> 0"), "max_iter": Param(40, int, _positive, "≥ 1"),
+         "norm": NORM_INF_2, "num_random_init": Param(1, int, _non_negative, "≥ 0")}, True,
+        lambda b: b["max_iter"] * max(b["num_random_init"], 1),
+    ),
+    "deepfool": AttackSpec(
+        "DeepFool", "white",
+        {"max_iter": Param(50, int, _positive, "≥ 1"), "epsilon": Param(0.02, float, _non_negative, "≥ 0 (overshoot)"),
+         "nb_grads": Param(10, int, _positive, "≥ 1")}, False,
+        # one class gradient per candidate class per iteration
+        lambda b: b["max_iter"] * b["nb_grads"],
+    ),
+    "cw_l2": AttackSpec(
+        "CarliniL2Method", "white",
+        {"confidence": Param(0.0, float, _non_negative, "≥ 0"), "learning_rate": Param(0.05, float, _positive, "> 0"),
+         "binary_search_steps": Param(4, int, _positive, "≥ 1"), "max_iter": Param(10, int, _positive, "≥ 1"),
+         "initial_const": Param(1.0, float, _positive, "> 0"), "max_halving": Param(2, int, _non_negative, "≥ 0"),
+         "max_doubling": Param(2, int, _non_negative, "≥ 0")}, True,
+        lambda b: b["binary_search_steps"] * b["max_iter"],
+    ),
+    "hopskipjump": AttackSpec(
+        "HopSkipJump", "black",
+        {"norm": Param("2", str, lambda v: v in NORMS, "one of: inf, 2"), "max_iter": Param(10, int, _non_negative, "≥ 0"),
+         "max_eval": Param(500, int, _positive, "≥ 1"), "init_eval": Param(10, int, _positive, "≥ 1"),
+         "init_size": Param(100, int, _positive, "≥ 1")}, True,
+    ),
+    "boundary": AttackSpec(
+        "BoundaryAttack", "black",
+        {"max_iter": Param(200, int, _non_negative, "≥ 0"), "delta": Param(0.01, float, _positive, "> 0"),
+         "epsilon": Param(0.01, float, _positive, "> 0"), "num_trial": Param(25, int, _positive, "≥ 1"),
+         "sample_size": Param(20, int, _positive, "≥ 1"), "init_size": Param(100, int, _positive, "≥ 1")}, True,
+    ),
+    "pixel": AttackSpec(
+        "PixelAttack", "black",
+        {"th": Param(1, int, _positive, "≥ 1 (pixels changed)"), "max_iter": Param(20, int, _positive, "≥ 1"),
+         "es": Param(1, int, lambda v: v in (0, 1), "0 (CMA-ES) or 1 (differential evolution)")}, True,
+    ),
+    "square": AttackSpec(
+        "SquareAttack", "black",
+        {"eps": EPS, "norm": NORM_INF_2, "max_iter": Param(100, int, _positive, "≥ 1"),
+         "p_init": Param(0.8, float, lambda v: 0 < v <= 1, "in (0, 1]"), "nb_restarts": Param(1, int, _positive, "≥ 1")}, False,
+    ),
+}
+
+
+def available() -> list[str]:
+    return list(ATTACKS)
+
+
+def spec(name: str) -> AttackSpec:
+    if name not in ATTACKS:
+        raise AttackError(f"unknown attack {name!r}; valid attacks: {', '.join(ATTACKS)}")
+    return ATTACKS[name]
+
+
+def resolve_budget(name: str, budget: dict, input_dim: int, clip_max: float = 1.0) -> dict:
+    """Merge ``budget`` over the attack's defaults and validate every value."""
+    s = spec(name)
+    for key in budget:
+        if key not in s.budget:
+            raise AttackError(f"unknown budget parameter {key!r} for {name}; valid parameters: {', '.join(s.budget)}")
+    out = {}
+    for key, p in s.budget.items():
+        value = budget.get(key, p.default)
+        if key == "norm":
+            value = "inf" if value in (np.inf, "inf", "Linf") else str(value)
+        if p.kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, p.kind) or isinstance(value, bool):
+            raise AttackError(f"{name}: {key} must be {p.kind.__name__}, got {value!r}")
+        if p.check is not None and not p.check(value):
+            raise AttackError(f"{name}: {key}={value!r} is invalid; it must be {p.rule}")
+        out[key] = value
+    if "eps" in out:
+        # the largest meaningful perturbation: the clip range per element, or its L2 length
+        limit = clip_max if out.get("norm", "inf") == "inf" else clip_max * math.sqrt(input_dim)
+        if not 0 <= out["eps"] <= limit:
+            raise AttackError(f"{name}: eps={out['eps']} is outside [0, {limit:g}] (clip range [0, {clip_max:g}], norm {out.get('norm', 'inf')})")
+        if "eps_step" in out and out["eps_step"] > out["eps"] > 0:
+            raise AttackError(f"{name}: eps_step={out['eps_step']} must not exceed eps={out['eps']}")
+    return out
+
+
+# --------------------------------------------------------------------------- ART wrapper
+def _counting_classifier_class():
+    from art.estimators.classification import PyTorchClassifier
+
+    class CountingClassifier(PyTorchClassifier):
+        """ART's PyTorchClassifier that counts the images it predicts and differentiates."""
+
+        def reset_counts(self):
+            self.n_predicted = 0
+            self.n_gradients = 0
+
+        def predict(self, x, *args, **kwargs):
+            self.n_predicted += len(x)
+            # HopSkipJump and Boundary pass float64 candidates; the model is float32
+            return super().predict(np.asarray(x, dtype=np.float32), *args, **kwargs)
+
+        def loss_gradient(self, x, y, *args, **kwargs):
+            self.n_gradients += len(x)
+            return super().loss_gradient(x, y, *args, **kwargs)
+
+        def class_gradient(self, x, label=None, *args, **kwargs):
+            per_image = 1 if label is None or np.ndim(label) == 0 or np.ndim(label) == 1 and len(label) == len(x) else np.shape(label)[-1]
+            if label is None:
+                per_image = self.nb_classes
+            self.n_gradients += len(x) * per_image
+            return super().class_gradient(x, label, *args, **kwargs)
+
+    return CountingClassifier
+
+
+def wrap(model: nn.Module, input_shape: tuple[int, ...], nb_classes: int, device: str = "auto"):
+    """ART's PyTorchClassifier over a logits model: float32 inputs in [0, 1], explicit device."""
+    dev = models.pick_device(device)
+    clf = _counting_classifier_class()(
+        model=model.eval(), loss=nn.CrossEntropyLoss(), input_shape=tuple(input_shape), nb_classes=nb_classes,
+        clip_values=(0.0, 1.0), channels_first=True, device_type="gpu" if dev.type == "cuda" else "cpu",
+    )
+    clf.reset_counts()
+    return clf
+
+
+def _digest(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(str((a.dtype, a.shape)).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:20]
+
+
+def model_digest(model: nn.Module) -> str:
+    """Identity of a model: a hash of its weights (so a retrained model never reuses attacks)."""
+    return _digest(*(t.detach().cpu().numpy() for t in model.state_dict().values()))
+
+
+# --------------------------------------------------------------------------- records
+@dataclass
+class AttackRecord:
+    """Per-sample outcome of one attack run (arrays aligned on the attacked samples)."""
+
+    name: str
+    budget: dict
+    x_clean: np.ndarray
+    x_adv: np.ndarray
+    y_true: np.ndarray
+    pred_clean: np.ndarray
+    pred_adv: np.ndarray
+    target: np.ndarray  # the target class, or -1 when untargeted
+    success: np.ndarray  # on a clean-correct sample: the prediction left y (or reached the target)
+    linf: np.ndarray
+    l2: np.ndarray
+    l0: np.ndarray  # pixels (spatial positions) changed
+    seconds: float
+    queries: float  # model predictions per image
+    gradients: float  # gradient evaluations per image (class or loss gradients)
+    key: str = ""
+
+    def __len__(self) -> int:
+        return len(self.y_true)
+
+    @property
+    def clean_correct(self) -> np.ndarray:
+        return self.pred_clean == self.y_true
+
+    @property
+    def success_rate(self) -> float:
+        """Success rate on the samples the classifier got right before the attack."""
+        ok = self.clean_correct
+        return float(self.success[ok].mean()) if ok.any() else float("nan")
+
+    def to_arrays(self) -> dict:
+        arrays = {k: getattr(self, k) for k in ("x_clean", "x_adv", "y_true", "pred_clean", "pred_adv", "target", "success", "linf", "l2", "l0")}
+        arrays.update(seconds=np.float64(self.seconds), queries=np.float64(self.queries), gradients=np.float64(self.gradients))
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, name: str, budget: dict, arrays: dict, key: str = "") -> "AttackRecord":
+        scalars = {k: float(arrays[k]) for k in ("seconds", "queries", "gradients")}
+        return cls(name, budget, **{k: v for k, v in arrays.items() if k not in scalars}, **scalars, key=key)
+
+
+def perturbation_norms(x_clean: np.ndarray, x_adv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    d = (x_adv - x_clean).reshape(len(x_clean), x_clean.shape[1], -1)
+    linf = np.abs(d).max(axis=(1, 2))
+    l2 = np.sqrt((d.astype(np.float64) ** 2).sum(axis=(1, 2)))
+    l0 = (np.abs(d) > 1e-6).any(axis=1).sum(axis=1)  # a pixel counts once, whatever its channels
+    return linf.astype(np.float32), l2.astype(np.float32), l0.astype(np.int64)
+
+
+# --------------------------------------------------------------------------- the verb
+class Attack:
+    """One configured attack on one model; ``generate(x, y)`` runs it (or loads its record)."""
+
+    def __init__(self, name: str, model: nn.Module, input_shape: tuple[int, ...], nb_classes: int,
+                 budget: dict, targeted: bool, seed: int, batch_size: int, device: str):
+        self.name, self.spec = name, spec(name)
+        self.model, self.input_shape, self.nb_classes = model, tuple(input_shape), nb_classes
+        self.budget = resolve_budget(name, budget, int(np.prod(input_shape)))
+        if targeted and not self.spec.targeted:
+            supported = [n for n, s in ATTACKS.items() if s.targeted]
+            raise AttackError(f"{name} has no targeted version in ART; targeted attacks: {', '.join(supported)}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise AttackError(f"batch_size must be an int ≥ 1, got {batch_size!r}")
+        self.targeted, self.seed, self.batch_size, self.device = targeted, int(seed), batch_size, device
+
+    @property
+    def gradient_bound(self) -> float | None:
+        """Gradient evaluations per image that the budget allows (None for black-box attacks)."""
+        return self.spec.gradient_bound(self.budget) if self.spec.gradient_bound else None
+
+    def _check_input(self, x, y):
+        if not isinstance(x, np.ndarray) or x.dtype != np.float32:
+            raise AttackError(f"x must be a float32 numpy array, got {type(x).__name__} of {getattr(x, 'dtype', '?')}")
+        if x.ndim != 1 + len(self.input_shape) or tuple(x.shape[1:]) != self.input_shape:
+            raise AttackError(f"x must have shape (N, {', '.join(map(str, self.input_shape))}), got {x.shape}")
+        if len(x) == 0:
+            raise AttackError("x is empty: nothing to attack")
+        if x.min() < 0 or x.max() > 1:
+            raise AttackError(f"x must lie in the clip range [0, 1], got [{x.min():.3g}, {x.max():.3g}]")
+        if not isinstance(y, np.ndarray) or y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
+            raise AttackError(f"y must be an integer numpy array of shape ({len(x)},), got {getattr(y, 'shape', type(y).__name__)}")
+        if y.min() < 0 or y.max() >= self.nb_classes:
+            raise AttackError(f"labels must lie in [0, {self.nb_classes - 1}]")
+
+    def cache_params(self, x: np.ndarray, y: np.ndarray) -> dict:
+        return {
+            "version": RECORD_VERSION, "attack": self.name, "budget": self.budget, "targeted": self.targeted,
+            "seed": self.seed, "batch_size": self.batch_size, "model": model_digest(self.model), "data": _digest(x, y),
+        }
+
+    def targets(self, y: np.ndarray) -> np.ndarray:
+        """Seeded random target classes, each different from the true label (or -1s)."""
+        if not self.targeted:
+            return np.full(len(y), -1, dtype=np.int64)
+        shift = np.random.default_rng(self.seed).integers(1, self.nb_classes, len(y))
+        return ((y + shift) % self.nb_classes).astype(np.int64)
+
+    def _art_attack(self, clf):
+        import art.attacks.evasion as evasion
+
+        kwargs = dict(self.budget)
+        if "norm" in kwargs:
+            kwargs["norm"] = NORMS[kwargs["norm"]]
+        if self.spec.targeted:
+            kwargs["targeted"] = self.targeted
+        if self.name != "pixel":  # ART's PixelAttack takes no batch size
+            kwargs["batch_size"] = self.batch_size
+        if self.name == "fgsm":
+            kwargs["eps_step"] = kwargs["eps"]
+        else:  # FGSM alone takes no verbose flag
+            kwargs["verbose"] = False
+        return getattr(evasion, self.spec.art_class)(clf, **kwargs)
+
+    def _run(self, x: np.ndarray, y: np.ndarray) -> dict:
+        clf = wrap(self.model, self.input_shape, self.nb_classes, self.device)
+        pred_clean = clf.predict(x, batch_size=512).argmax(1)
+        target = self.targets(y)
+        art_attack = self._art_attack(clf)
+        clf.reset_counts()
+        # ART's black-box attacks (and PGD's random start) draw from the global NumPy RNG
+        np.random.seed(self.seed)
+        torch.manual_seed(self.seed)
+        start = time.perf_counter()
+        if self.targeted:
+            labels = np.eye(self.nb_classes, dtype=np.float32)[target]
+        elif self.spec.box == "black" or self.name in ("deepfool",):
+            labels = None  # these attack the model's own prediction
+        else:
+            labels = np.eye(self.nb_classes, dtype=np.float32)[y]
+        x_adv = art_attack.generate(x.copy(), y=labels).astype(np.float32)
+        seconds = time.perf_counter() - start
+        queries, gradients = clf.n_predicted / len(x), clf.n_gradients / len(x)
+        x_adv = np.clip(x_adv, 0.0, 1.0)
+        pred_adv = clf.predict(x_adv, batch_size=512).argmax(1)
+        success = (pred_clean == y) & ((pred_adv == target) if self.targeted else (pred_adv != y))
+        linf, l2, l0 = perturbation_norms(x, x_adv)
+        return dict(
+            x_clean=x, x_adv=x_adv, y_true=y.astype(np.int64), pred_clean=pred_clean.astype(np.int64),
+            pred_adv=pred_adv.astype(np.int64), target=target, success=success, linf=linf, l2=l2, l0=l0,
+            seconds=np.float64(seconds), queries=np.float64(queries), gradients=np.float64(gradients),
+        )
+
+    def generate(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) -> AttackRecord:
+        """Attack ``x`` (labels ``y``), or load the cached record of the same run."""
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().numpy()
+        if isinstance(y, torch.Tensor):
+            y = y.detach().cpu().numpy()
+        self._check_input(x, y)
+        params = self.cache_params(x, y)
+        arrays = cache.cached("attack", params, lambda: self._run(x, y), fmt="npz")
+        return AttackRecord.from_arrays(self.name, self.budget, arrays, cache.content_key(params))
+
+
+def attack(
+    name: str,
+    model: nn.Module | models.Trained,
+    *,
+    targeted: bool = False,
+    seed: int = 0,
+    batch_size: int = 128,
+    device: str = "auto",
+    input_shape: tuple[int, ...] | None = None,
+    nb_classes: int | None = None,
+    **budget,
+) -> Attack:
+    """Configure attack ``name`` against ``model``; see the module docstring.
+
+    ``input_shape`` and ``nb_classes`` default to what a :class:`models.Trained` recorded.
+    """
+    spec(name)  # unknown names fail first
+    if isinstance(model, models.Trained):
+        input_shape = input_shape or model.input_shape
+        nb_classes = nb_classes or model.num_classes
+        model = model.model
+    if input_shape is None or nb_classes is None:
+        raise AttackError("pass input_shape and nb_classes with a bare nn.Module (a models.Trained knows them)")
+    return Attack(name, model, input_shape, nb_classes, budget, targeted, seed, batch_size, device)
