@@ -83,6 +83,7 @@ def test_record_fields_are_consistent(victim):
     assert np.allclose(rec.l2, np.linalg.norm(d, axis=1), rtol=1e-5)
     assert np.array_equal(rec.success, (rec.pred_clean == y) & (rec.pred_adv != y))
     assert rec.gradients == 1 and rec.success_rate > 0
+    assert rec.grad_seconds > 0 and rec.cost_ratio > 0
 
 
 @pytest.mark.parametrize("name", ["bim", "deepfool", "cw_l2", "hopskipjump", "boundary", "pixel", "square"])
@@ -110,3 +111,13 @@ def test_targeted_attacks_aim_at_other_classes(victim):
     rec = attacks.attack("pgd", trained, targeted=True, eps=0.5, eps_step=0.05, max_iter=20).generate(x, y)
     assert (rec.target != y).all() and (rec.target >= 0).all()
     assert np.array_equal(rec.success, (rec.pred_clean == y) & (rec.pred_adv == rec.target))
+
+
+def test_fast_per_sample_class_gradient_matches_art(victim):
+    trained, x, y = victim
+    clf = attacks.wrap(trained.model, (1, 28, 28), 10, "cpu")
+    labels = np.arange(len(x)) % 10
+    fast = clf.class_gradient(x, label=labels)
+    slow = super(type(clf), clf).class_gradient(x, label=labels)
+    assert fast.shape == slow.shape == (len(x), 1, 1, 28, 28)
+    assert np.allclose(fast, slow, atol=1e-6)

@@ -14,6 +14,10 @@ def test_the_study_configuration_is_valid():
     assert params["profile"] == "ci" and params["seed"] == 0
     assert params["epochs"] == 1  # the ci profile's override of a shared value
     assert cfg.parameters("gpu", "01_classifier")["model"] == "resnet18_32"
+    # optional shared parameters go only to the notebooks that declare them
+    assert "attack_suite" not in params
+    assert set(cfg.parameters("cpu", "02_attacks")["attack_suite"]) == {
+        "fgsm", "bim", "pgd", "deepfool", "cw_l2", "hopskipjump", "boundary", "pixel", "square"}
 
 
 def _write(tmp_path, body: str):
@@ -23,7 +27,8 @@ def _write(tmp_path, body: str):
 
 
 SHARED = """
-shared: {seed: 0, device: auto, dataset: fashion_mnist, model: smallcnn, epochs: 1, batch_size: 8, lr: 0.1, n_train: null}
+shared: {seed: 0, device: auto, dataset: fashion_mnist, model: smallcnn, epochs: 1, batch_size: 8, lr: 0.1, n_train: null,
+         n_pool: 10, attack_suite: {fgsm: {n: 10, eps: 0.1}}, particul: {epochs: 1}}
 """
 
 
@@ -39,6 +44,12 @@ shared: {seed: 0, device: auto, dataset: fashion_mnist, model: smallcnn, epochs:
         (SHARED + "profiles: {cpu: {01_classifier: {n_shw: 2}}}", "unknown parameter 'n_shw'.*valid parameters: .*n_show"),
         (SHARED + "profiles: {cpu: {01_classifier: {n_show: two}}}", "n_show must be int"),
         (SHARED + "default_profile: gpu\nprofiles: {cpu: {}}", "default_profile 'gpu' is not a profile"),
+        (SHARED.replace("fgsm:", "fgsn:") + "profiles: {cpu: {}}", "unknown attack 'fgsn'; valid attacks: fgsm, bim"),
+        (SHARED.replace("eps: 0.1", "eps: 2.0") + "profiles: {cpu: {}}", r"attack_suite.fgsm: fgsm: eps=2.0 is outside \[0, 1\]"),
+        (SHARED.replace("n: 10,", "n: -1,") + "profiles: {cpu: {}}", "attack_suite.fgsm.n must be an int ≥ 1"),
+        (SHARED.replace("n_pool: 10, ", "") + "profiles: {cpu: {}}", "shared lacks n_pool"),
+        (SHARED.replace("epochs: 1}", "epochs: 0}") + "profiles: {cpu: {}}", "shared.particul: particul: epochs must be an int ≥ 1"),
+        (SHARED.replace("particul: {epochs: 1}", "particul: {parts: 4}") + "profiles: {cpu: {}}", "shared.particul: particul: .*parts"),
     ],
 )
 def test_bad_configurations_name_the_problem_and_the_choices(tmp_path, body, message):

@@ -24,7 +24,8 @@ def study(tmp_path, data_root):
         write_notebook(nb_dir / f"{name}.ipynb", SHARED_CELL + "\nk = 1", f"NAME = {name!r}", WRITE_PARAMS)
     cfg = tmp_path / "_config.yml"
     cfg.write_text(
-        "shared: {seed: 0, device: cpu, dataset: fashion_mnist, model: smallcnn, epochs: 1, batch_size: 8, lr: 0.1, n_train: null}\n"
+        "shared: {seed: 0, device: cpu, dataset: fashion_mnist, model: smallcnn, epochs: 1, batch_size: 8, lr: 0.1, n_train: null,"
+        " n_pool: 4, attack_suite: {}, particul: {}}\n"
         "default_profile: cpu\n"
         "profiles:\n  cpu: {01_first: {k: 5}, shared: {epochs: 2}}\n  ci: {}\n"
     )

@@ -13,7 +13,7 @@ def _record(n=50, succeed_every=2):
     success = np.arange(n) % succeed_every == 0
     z = np.zeros(n, dtype=np.float32)
     return AttackRecord("fgsm", {"eps": 0.1}, x, adv, y, y.copy(), np.where(success, (y + 1) % 3, y), np.full(n, -1),
-                        success, z, z, z.astype(np.int64), 1.0, 1.0, 1.0, key="k")
+                        success, z, z, z.astype(np.int64), 1.0, 1.0, 1.0, 1e-4, key="k")
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.3, 0.5])

@@ -27,10 +27,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import cache, models
 
-RECORD_VERSION = 1
+RECORD_VERSION = 3
 NORMS = {"inf": np.inf, "2": 2}
 
 
@@ -88,7 +89,7 @@ ATTACKS: dict[str, AttackSpec] = {
     ),
     "deepfool": AttackSpec(
         "DeepFool", "white",
-        {"max_iter": Param(50, int, _positive, "≥ 1"), "epsilon": Param(0.02, float, _non_negative, "≥ 0 (overshoot)"),
+        {"max_iter": Param(10, int, _positive, "≥ 1"), "epsilon": Param(0.02, float, _non_negative, "≥ 0 (overshoot)"),
          "nb_grads": Param(10, int, _positive, "≥ 1")}, False,
         # one class gradient per candidate class per iteration
         lambda b: b["max_iter"] * b["nb_grads"],
@@ -184,12 +185,27 @@ def _counting_classifier_class():
             self.n_gradients += len(x)
             return super().loss_gradient(x, y, *args, **kwargs)
 
-        def class_gradient(self, x, label=None, *args, **kwargs):
-            per_image = 1 if label is None or np.ndim(label) == 0 or np.ndim(label) == 1 and len(label) == len(x) else np.shape(label)[-1]
-            if label is None:
-                per_image = self.nb_classes
-            self.n_gradients += len(x) * per_image
-            return super().class_gradient(x, label, *args, **kwargs)
+        def class_gradient(self, x, label=None, training_mode=False, **kwargs):
+            per_sample = label is not None and np.ndim(label) == 1 and len(label) == len(x)
+            self.n_gradients += len(x) * (self.nb_classes if label is None else 1)
+            if per_sample and self.all_framework_preprocessing and len(x):
+                return self._per_sample_class_gradient(x, np.asarray(label), training_mode)
+            return super().class_gradient(x, label, training_mode, **kwargs)
+
+        def _per_sample_class_gradient(self, x, label, training_mode):
+            """Gradient of each sample's own logit ``z[n, label[n]]`` in one backward pass.
+
+            ART loops over the distinct labels of the batch (up to one backward pass per
+            class; Carlini-Wagner calls this twice per step). Samples are independent in eval
+            mode, so the gradient of the sum of the picked logits gives each sample's gradient.
+            """
+            self._model.train(mode=training_mode)
+            xt = torch.from_numpy(np.asarray(x, dtype=np.float32)).to(self._device).requires_grad_(True)
+            x_in, _ = self._apply_preprocessing(xt, y=None, fit=False, no_grad=False)
+            logits = self._model(x_in)[-1]
+            picked = logits.gather(1, torch.as_tensor(label, device=logits.device).long().view(-1, 1)).sum()
+            (grad,) = torch.autograd.grad(picked, xt)
+            return grad.cpu().numpy()[:, None]
 
     return CountingClassifier
 
@@ -239,10 +255,21 @@ class AttackRecord:
     seconds: float
     queries: float  # model predictions per image
     gradients: float  # gradient evaluations per image (class or loss gradients)
+    grad_seconds: float  # one forward+backward pass per image, timed just before the attack
     key: str = ""
+
+    _SCALARS = ("seconds", "queries", "gradients", "grad_seconds")
 
     def __len__(self) -> int:
         return len(self.y_true)
+
+    @property
+    def cost_ratio(self) -> float:
+        """Time per image over the time of the budget's gradient evaluations (white box)."""
+        bound = spec(self.name).gradient_bound
+        if bound is None or self.grad_seconds <= 0:
+            return float("nan")
+        return self.seconds / len(self) / (bound(self.budget) * self.grad_seconds)
 
     @property
     def clean_correct(self) -> np.ndarray:
@@ -256,12 +283,12 @@ class AttackRecord:
 
     def to_arrays(self) -> dict:
         arrays = {k: getattr(self, k) for k in ("x_clean", "x_adv", "y_true", "pred_clean", "pred_adv", "target", "success", "linf", "l2", "l0")}
-        arrays.update(seconds=np.float64(self.seconds), queries=np.float64(self.queries), gradients=np.float64(self.gradients))
+        arrays.update({k: np.float64(getattr(self, k)) for k in self._SCALARS})
         return arrays
 
     @classmethod
     def from_arrays(cls, name: str, budget: dict, arrays: dict, key: str = "") -> "AttackRecord":
-        scalars = {k: float(arrays[k]) for k in ("seconds", "queries", "gradients")}
+        scalars = {k: float(arrays[k]) for k in cls._SCALARS}
         return cls(name, budget, **{k: v for k, v in arrays.items() if k not in scalars}, **scalars, key=key)
 
 
@@ -342,6 +369,7 @@ class Attack:
         pred_clean = clf.predict(x, batch_size=512).argmax(1)
         target = self.targets(y)
         art_attack = self._art_attack(clf)
+        grad_seconds = self._time_gradient(x)
         clf.reset_counts()
         # ART's black-box attacks (and PGD's random start) draw from the global NumPy RNG
         np.random.seed(self.seed)
@@ -364,7 +392,20 @@ class Attack:
             x_clean=x, x_adv=x_adv, y_true=y.astype(np.int64), pred_clean=pred_clean.astype(np.int64),
             pred_adv=pred_adv.astype(np.int64), target=target, success=success, linf=linf, l2=l2, l0=l0,
             seconds=np.float64(seconds), queries=np.float64(queries), gradients=np.float64(gradients),
+            grad_seconds=np.float64(grad_seconds),
         )
+
+    def _time_gradient(self, x: np.ndarray, repeats: int = 5) -> float:
+        """Seconds per image of one forward+backward pass on a batch of ``x`` (median, warm)."""
+        dev = models.pick_device(self.device)
+        xb = torch.from_numpy(x[: self.batch_size]).to(dev).requires_grad_(True)
+        yb = torch.zeros(len(xb), dtype=torch.long, device=dev)
+        timings = []
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            torch.autograd.grad(F.cross_entropy(self.model(xb), yb), xb)
+            timings.append(time.perf_counter() - start)
+        return float(np.median(timings[1:])) / len(xb)
 
     def generate(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) -> AttackRecord:
         """Attack ``x`` (labels ``y``), or load the cached record of the same run."""

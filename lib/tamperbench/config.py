@@ -45,7 +45,15 @@ SHARED_TYPES: dict[str, tuple[type, ...]] = {
     "batch_size": (int,),
     "lr": (float,),
     "n_train": (int, type(None)),
+    # the attack suite: a pool of correctly classified test images, and per attack the number
+    # of pool images it attacks and its budget. Chapters after 02 reuse its cached records.
+    "n_pool": (int,),
+    "attack_suite": (dict,),
+    # PARTICUL's settings (chapter 3; later chapters reuse the fitted detector from the cache)
+    "particul": (dict,),
 }
+#: Every notebook declares these; the others are injected where a notebook declares them.
+REQUIRED_SHARED = ("seed", "device", "dataset", "model", "epochs", "batch_size", "lr", "n_train")
 TOP_KEYS = ("shared", "default_profile", "profiles")
 #: Injected by the runner into every notebook, never set in the file.
 RUNNER_KEYS = ("profile",)
@@ -130,6 +138,7 @@ class StudyConfig:
     default_profile: str
     profiles: dict
     notebooks: dict[str, dict[str, tuple[type, ...]]]  # name → its declared parameters
+    shared_declared: dict[str, list[str]]  # name → the optional shared parameters it declares
 
     def check_profile(self, profile: str) -> str:
         if profile not in self.profiles:
@@ -147,6 +156,8 @@ class StudyConfig:
         for key, value in (overrides or {}).items():
             if key in SHARED_TYPES or key in declared:
                 params[key] = value
+        wanted = set(REQUIRED_SHARED) | set(self.shared_declared[notebook])
+        params = {k: v for k, v in params.items() if k not in SHARED_TYPES or k in wanted}
         for key, value in params.items():
             types = SHARED_TYPES.get(key) or declared.get(key, (object,))
             if not _type_ok(value, types):
@@ -160,6 +171,23 @@ class StudyConfig:
                 raise ConfigError(f"unknown parameter {key!r} for {', '.join(notebooks)}; valid parameters: {', '.join(sorted(valid))}")
 
 
+def _check_attack_suite(suite: dict, where: str) -> None:
+    from . import attacks
+
+    for name, entry in suite.items():
+        if name not in attacks.ATTACKS:
+            raise ConfigError(f"{where}: unknown attack {name!r}; valid attacks: {', '.join(attacks.available())}")
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}.{name} must be a mapping (n and budget parameters)")
+        budget = {k: v for k, v in entry.items() if k != "n"}
+        if "n" in entry and (not _type_ok(entry["n"], (int,)) or entry["n"] < 1):
+            raise ConfigError(f"{where}.{name}.n must be an int ≥ 1, got {entry['n']!r}")
+        try:
+            attacks.resolve_budget(name, budget, input_dim=10**6)  # the L2 range is checked at run time
+        except attacks.AttackError as exc:
+            raise ConfigError(f"{where}.{name}: {exc}") from exc
+
+
 def _check_shared(block: Any, where: str, require_all: bool) -> dict:
     if not isinstance(block, dict):
         raise ConfigError(f"{where} must be a mapping of parameters; valid keys: {', '.join(SHARED_TYPES)}")
@@ -168,6 +196,15 @@ def _check_shared(block: Any, where: str, require_all: bool) -> dict:
             raise ConfigError(f"unknown key {key!r} in {where}; valid keys: {', '.join(SHARED_TYPES)}")
         if not _type_ok(value, SHARED_TYPES[key]):
             raise ConfigError(f"{where}.{key} must be {_names(SHARED_TYPES[key])}, got {value!r}")
+    if "attack_suite" in block:
+        _check_attack_suite(block["attack_suite"], f"{where}.attack_suite")
+    if "particul" in block:
+        from .detectors import DetectorError, detector
+
+        try:
+            detector("particul", device="cpu", **block["particul"])
+        except DetectorError as exc:
+            raise ConfigError(f"{where}.particul: {exc}") from exc
     if require_all:
         missing = [k for k in SHARED_TYPES if k not in block]
         if missing:
@@ -196,10 +233,11 @@ def load(path: Path = CONFIG_PATH, notebooks_dir: Path = NOTEBOOKS_DIR) -> Study
             raise ConfigError(f"unknown key {key!r} in {path.name}; valid keys: {', '.join(TOP_KEYS)}")
     shared = _check_shared(raw.get("shared", {}), "shared", require_all=True)
 
-    notebooks = {}
+    notebooks, shared_declared = {}, {}
     for nb in list_notebooks(notebooks_dir):
         declared = notebook_parameters(nb)
-        missing = [k for k in (*SHARED_TYPES, *RUNNER_KEYS) if k not in declared]
+        shared_declared[nb.stem] = [k for k in SHARED_TYPES if k in declared and k not in REQUIRED_SHARED]
+        missing = [k for k in (*REQUIRED_SHARED, *RUNNER_KEYS) if k not in declared]
         if missing:
             raise ConfigError(f"the parameters cell of {nb.name} lacks {', '.join(missing)} (every notebook declares the shared parameters)")
         notebooks[nb.stem] = {k: v for k, v in declared.items() if k not in SHARED_TYPES}
@@ -229,4 +267,4 @@ def load(path: Path = CONFIG_PATH, notebooks_dir: Path = NOTEBOOKS_DIR) -> Study
     default = raw.get("default_profile", "cpu")
     if default not in profiles:
         raise ConfigError(f"default_profile {default!r} is not a profile; valid profiles: {', '.join(profiles)}")
-    return StudyConfig(shared, default, profiles, notebooks)
+    return StudyConfig(shared, default, profiles, notebooks, shared_declared)

@@ -38,11 +38,12 @@ def _conv_bn(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
 class SmallCNN(nn.Sequential):
     """A small, fast CNN for 28×28 inputs, the CPU default.
 
-    Named blocks: ``block1`` (32×14×14), ``block2`` (64×7×7), ``block3`` (128×3×3 after pooling),
-    ``fc`` (256-d penultimate features) and ``logits``.
+    Named blocks: ``block1`` (32×14×14), ``block2`` (64×7×7), ``block3`` (128×7×7, the last
+    convolutional map: PARTICUL's part detectors and subset scanning read it), ``pool``
+    (128×3×3), ``fc`` (256-d penultimate features) and ``logits``.
     """
 
-    feature_layer = "block3"  # the last convolutional map (PARTICUL, subset scanning)
+    feature_layer = "block3"
     penultimate_layer = "fc"
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28):
@@ -51,7 +52,8 @@ class SmallCNN(nn.Sequential):
             OrderedDict(
                 block1=nn.Sequential(*_conv_bn(in_channels, 32), nn.MaxPool2d(2)),
                 block2=nn.Sequential(*_conv_bn(32, 64), nn.MaxPool2d(2)),
-                block3=nn.Sequential(*_conv_bn(64, 128), nn.MaxPool2d(2)),
+                block3=nn.Sequential(*_conv_bn(64, 128)),
+                pool=nn.MaxPool2d(2),
                 fc=nn.Sequential(nn.Flatten(), nn.Dropout(0.25), nn.Linear(128 * side * side, 256), nn.ReLU(inplace=True)),
                 logits=nn.Linear(256, num_classes),
             )
@@ -159,15 +161,21 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return padded[:, :, dy : dy + h, dx : dx + w]
 
 
-def evaluate(model: nn.Module, ds: data.Dataset, batch_size: int = 512, device: str = "auto") -> np.ndarray:
-    """Predicted labels for ``ds`` (model in eval mode)."""
+def predict(model: nn.Module, x: torch.Tensor | np.ndarray, batch_size: int = 512, device: str = "auto") -> np.ndarray:
+    """Predicted labels for images ``x`` (tensor or array), the model in eval mode."""
     dev = pick_device(device)
     model.eval().to(dev)
+    x = torch.as_tensor(x)
     preds = []
     with torch.no_grad():
-        for i in range(0, len(ds), batch_size):
-            preds.append(model(ds.x[i : i + batch_size].to(dev)).argmax(1).cpu())
+        for i in range(0, len(x), batch_size):
+            preds.append(model(x[i : i + batch_size].to(dev)).argmax(1).cpu())
     return torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
+
+
+def evaluate(model: nn.Module, ds: data.Dataset, batch_size: int = 512, device: str = "auto") -> np.ndarray:
+    """Predicted labels for a dataset."""
+    return predict(model, ds.x, batch_size, device)
 
 
 def _train(model: nn.Module, train: data.Dataset, test: data.Dataset, cfg: TrainConfig, dev: torch.device) -> list[dict]:

@@ -41,3 +41,28 @@ def heatmap(tidy: pd.DataFrame, index: str, columns: str, values: str, fmt: str 
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def overlay_grid(images, heatmaps, row_labels=None, col_labels=None, size: float = 1.2, alpha: float = 0.55):
+    """Each row: an image, then each of its heat maps drawn over it (e.g. PARTICUL part maps).
+
+    ``images``: N×C×H×W; ``heatmaps``: N×P×H×W (each map scaled to its own range).
+    """
+    images, heatmaps = np.asarray(images), np.asarray(heatmaps)
+    n, p = heatmaps.shape[:2]
+    fig, axes = plt.subplots(n, p + 1, figsize=(size * (p + 1), size * n), squeeze=False)
+    for i in range(n):
+        img = images[i][0] if images[i].shape[0] == 1 else np.transpose(images[i], (1, 2, 0))
+        for j in range(p + 1):
+            ax = axes[i, j]
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.imshow(img, cmap="gray", vmin=0, vmax=1)
+            if j:
+                m = heatmaps[i, j - 1]
+                ax.imshow((m - m.min()) / (np.ptp(m) + 1e-8), cmap="jet", alpha=alpha, vmin=0, vmax=1)
+            if i == 0 and col_labels is not None:
+                ax.set_title(str(col_labels[j]), fontsize=8)
+        if row_labels is not None:
+            axes[i, 0].set_ylabel(str(row_labels[i]), fontsize=8, rotation=0, ha="right", va="center")
+    fig.tight_layout()
+    return fig

@@ -40,6 +40,16 @@ class TamperedDataset:
         return float(self.mask.mean()) if len(self) else 0.0
 
 
+def sweep(record: AttackRecord, ps, seed: int = 0, policies=POLICIES):
+    """Yield ``(policy, p, tampered)`` over a grid, skipping strict points with too few successes."""
+    for policy in policies:
+        for p in ps:
+            k_needed = int(round(p * len(record)))
+            if policy == "strict" and k_needed > int(record.success.sum()):
+                continue
+            yield policy, p, tamper(record, p, seed, policy)
+
+
 def tamper(record: AttackRecord, p: float, seed: int = 0, policy: str = "strict") -> TamperedDataset:
     """Replace round(p·n) clean samples of ``record`` by their adversarial versions."""
     if policy not in POLICIES:
