@@ -64,7 +64,7 @@ def test_a_library_change_reruns(study, monkeypatch):
     nb_dir, book, cfg = study
     quiet = dict(book_dir=book, notebooks_dir=nb_dir, config_path=cfg, log=lambda m: None)
     runner.run("cpu", only=["01_first"], **quiet)
-    monkeypatch.setattr(runner, "source_digest", lambda: "a-changed-library")
+    monkeypatch.setattr(runner.cache, "source_digest", lambda: "a-changed-library")
     assert runner.run("cpu", only=["01_first"], **quiet)[0].status == "ran"
 
 

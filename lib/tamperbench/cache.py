@@ -13,6 +13,7 @@ corrupt) is reported with a warning and rebuilt, never trusted and never fatal.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -51,6 +52,19 @@ def _canonical(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"cannot key a cache entry on a {type(obj).__name__}: {obj!r}")
+
+
+@functools.lru_cache(maxsize=1)
+def source_digest() -> str:
+    """A hash of the package's source code: artifacts derived cheaply from other artifacts
+    (scores) include it in their key, so a code change never serves a stale result; the
+    runner uses it to rerun notebooks after a change in ``lib/``."""
+    folder = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(folder.rglob("*.py")):
+        h.update(str(f.relative_to(folder)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:20]
 
 
 def content_key(params: Mapping[str, Any]) -> str:

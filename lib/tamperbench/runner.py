@@ -32,7 +32,6 @@ from . import atomic, cache, config, paths
 
 BOOK_DIR = paths.REPO_ROOT / "book"
 KERNEL_NAME = "tamperbench"
-LIB_DIR = Path(__file__).resolve().parent
 
 
 class NotebookFailed(RuntimeError):
@@ -47,15 +46,6 @@ class RunRecord:
     peak_memory_mb: float
     finished_at: str
     fingerprint: str
-
-
-def source_digest(folder: Path = LIB_DIR) -> str:
-    """A hash of the package's source: a change in ``lib/`` reruns the notebooks."""
-    h = hashlib.sha256()
-    for f in sorted(folder.rglob("*.py")):
-        h.update(str(f.relative_to(folder)).encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:20]
 
 
 def _notebook_digest(path: Path) -> str:
@@ -173,7 +163,7 @@ def run(
     # Resolve every notebook's parameters before running any, so a bad value fails fast.
     plan = [(nb, cfg.parameters(profile, nb.stem, overrides)) for nb in notebooks]
     kernel = ensure_kernel()
-    lib_digest = source_digest()
+    lib_digest = cache.source_digest()
     book_dir = Path(book_dir)
     records: list[RunRecord] = []
     try:

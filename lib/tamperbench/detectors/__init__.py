@@ -8,10 +8,32 @@ One short module per method, the paper and its maths in its docstring.
 
 from __future__ import annotations
 
-from .base import Detector, DetectorError
-from .particul import Particul
+from functools import partial
 
-DETECTORS: dict[str, type[Detector]] = {cls.name: cls for cls in (Particul,)}
+from . import ood
+from .base import Detector, DetectorError
+from .feature_response import FeatureResponse
+from .feature_squeezing import FeatureSqueezing
+from .kd_bu import KDBU
+from .lid import LID
+from .mahalanobis_adv import MahalanobisAdv
+from .ood import PytorchOOD
+from .particul import Particul
+from .subset_scan import SubsetScan
+
+#: name → factory of an unfitted detector
+DETECTORS = {
+    "particul": Particul,
+    **{m: partial(PytorchOOD, m) for m in ood.NAMES},
+    "subset_scan": SubsetScan,
+    "feature_squeezing": FeatureSqueezing,
+    "feature_response": FeatureResponse,
+    "lid": LID,
+    "kd_bu": KDBU,
+    "mahalanobis_adv": MahalanobisAdv,
+}
+#: detectors that need adversarial examples to fit
+SUPERVISED = ("lid", "kd_bu", "mahalanobis_adv")
 
 
 def available() -> list[str]:

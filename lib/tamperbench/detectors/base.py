@@ -26,9 +26,10 @@ class Detector:
     name: ClassVar[str] = ""
     supervised: ClassVar[bool] = False
 
-    def __init__(self, device: str = "auto", batch_size: int = 256):
+    def __init__(self, device: str = "auto", batch_size: int = 256, seed: int = 0):
         self.device = models.pick_device(device)
         self.batch_size = batch_size
+        self.seed = seed
         self.trained: models.Trained | None = None
 
     @property
@@ -61,3 +62,62 @@ class Detector:
 
     def _score(self, x: torch.Tensor) -> np.ndarray:
         raise NotImplementedError
+
+
+def layer_outputs(model: torch.nn.Module, x: torch.Tensor, layers: list[str], device, pool: bool = False,
+                  batch_size: int = 512) -> dict[str, torch.Tensor]:
+    """Outputs of the named blocks ``layers`` for ``x`` (N×D each: flattened, or spatially
+    averaged when ``pool``), read with forward hooks in one pass per batch."""
+    names = [n for n, _ in model.named_children()]
+    for layer in layers:
+        if layer not in names:
+            raise DetectorError(f"unknown layer {layer!r}; valid layers: {', '.join(names)}")
+    out: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
+    current: dict[str, torch.Tensor] = {}
+    hooks = [model.get_submodule(layer).register_forward_hook(lambda m, i, o, name=layer: current.__setitem__(name, o))
+             for layer in layers]
+    try:
+        with torch.no_grad():
+            for i in range(0, len(x), batch_size):
+                model(x[i : i + batch_size].to(device))
+                for layer in layers:
+                    o = current[layer]
+                    o = o.mean((-2, -1)) if pool and o.dim() == 4 else o.flatten(1)
+                    out[layer].append(o.cpu())
+    finally:
+        for h in hooks:
+            h.remove()
+    return {layer: torch.cat(v) for layer, v in out.items()}
+
+
+class SupervisedDetector(Detector):
+    """A detector whose final stage is a logistic regression on clean vs adversarial examples.
+
+    ``fit(trained, clean_train, x_clean=…, x_adv=…)``: the features are built from the clean
+    training data, the regression from the given clean/adversarial pairs (an attack split kept
+    apart from the evaluation).
+    """
+
+    supervised = True
+
+    def _features(self, x: torch.Tensor) -> np.ndarray:
+        raise NotImplementedError
+
+    def _fit_unsupervised(self, trained: models.Trained, clean_train: data.Dataset) -> None:
+        raise NotImplementedError
+
+    def _fit(self, trained, clean_train, x_clean=None, x_adv=None, **kwargs) -> None:
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        if x_clean is None or x_adv is None or len(x_clean) == 0 or len(x_adv) == 0:
+            raise DetectorError(f"{self.name} is supervised: fit(trained, clean_train, x_clean=..., x_adv=...) needs adversarial examples")
+        self.trained = trained  # the feature functions below need the model
+        self._fit_unsupervised(trained, clean_train)
+        feats = np.concatenate([self._features(torch.as_tensor(x_clean)), self._features(torch.as_tensor(x_adv))])
+        labels = np.r_[np.zeros(len(x_clean)), np.ones(len(x_adv))]
+        self.regression = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(feats, labels)
+
+    def _score(self, x: torch.Tensor) -> np.ndarray:
+        return self.regression.decision_function(self._features(x))

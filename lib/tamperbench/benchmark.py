@@ -1,0 +1,145 @@
+"""The per-sample detection benchmark (chapter 4), and the cached scores later chapters reuse.
+
+Protocol: the clean set is the attack pool (test images the classifier gets right). For each
+attack, its *successful* adversarial examples are split in two halves with a seed: the
+evaluation half is scored against the clean originals of the same images; the other half is
+only used to fit the supervised detectors. Unsupervised detectors fit on clean training data.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import cache, data, detectors, metrics, models
+from .attacks import AttackRecord, _digest, model_digest
+
+SCORES_VERSION = 1
+
+
+def split_halves(record: AttackRecord, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(fit indices, evaluation indices) among the successful attacks.
+
+    Each *pool image* falls in the fit or the evaluation half by one seeded coin flip, the same
+    for every attack (records are prefixes of the pool), so no clean image used to fit a
+    supervised detector is ever evaluated, whichever attack it is tested on.
+    """
+    in_fit = np.random.default_rng(seed).random(len(record)) < 0.5
+    return np.flatnonzero(record.success & in_fit), np.flatnonzero(record.success & ~in_fit)
+
+
+def detector_key(name: str, params: dict, trained: models.Trained) -> dict:
+    return {"detector": name, "params": params, "model": model_digest(trained.model)}
+
+
+def cached_scores(det: detectors.Detector, key: dict, x: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Scores of ``x`` by a fitted detector, cached by the detector's key and the inputs."""
+    x_np = x.numpy() if isinstance(x, torch.Tensor) else x
+    params = {"version": SCORES_VERSION, "code": cache.source_digest(), **key, "data": _digest(x_np)}
+    return cache.cached("scores", params, lambda: {"scores": det.score(torch.from_numpy(x_np))}, fmt="npz")["scores"]
+
+
+def time_per_image(fn, x: torch.Tensor, repeats: int = 3) -> float:
+    """Best-of-``repeats`` wall time of ``fn(x)``, per image."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(x)
+        best = min(best, time.perf_counter() - start)
+    return best / len(x)
+
+
+def forward_time(trained: models.Trained, x: torch.Tensor, device: str = "auto") -> float:
+    dev = models.pick_device(device)
+    model = trained.model.eval().to(dev)
+
+    def fwd(batch):
+        with torch.no_grad():
+            for i in range(0, len(batch), 256):
+                model(batch[i : i + 256].to(dev))
+
+    return time_per_image(fwd, x)
+
+
+def result_row(detector: str, attack: str, clean: np.ndarray, tampered: np.ndarray, n_boot: int, seed: int,
+               supervised: bool) -> dict:
+    m = metrics.detection_metrics(clean, tampered)
+    lo, hi = metrics.bootstrap_ci(clean, tampered, "auroc", n_boot=n_boot, seed=seed) if n_boot else (np.nan, np.nan)
+    return {"detector": detector, "attack": attack, "auroc": m["auroc"], "auroc_low": lo, "auroc_high": hi,
+            "fpr95": m["fpr95"], "aupr_in": m["aupr_in"], "aupr_out": m["aupr_out"], "tpr_at_fpr5": m["tpr_at_fpr5"],
+            "n_clean": len(clean), "n_tampered": len(tampered), "supervised": supervised}
+
+
+def run_unsupervised(name: str, params: dict, trained: models.Trained, train: data.Dataset, pool: data.Dataset,
+                     records: dict[str, AttackRecord], seed: int, n_boot: int, device: str = "auto"):
+    """Fit one unsupervised detector and evaluate it on every attack; returns (rows, curves, seconds/img)."""
+    det = detectors.detector(name, device=device, **params).fit(trained, train)
+    key = detector_key(name, params, trained)
+    clean_all = cached_scores(det, key, pool.x)
+    rows, curves = [], {}
+    for attack, rec in records.items():
+        _, ev = split_halves(rec, seed)
+        if len(ev) < 2:
+            continue
+        adv = cached_scores(det, key, rec.x_adv[ev])
+        rows.append(result_row(name, attack, clean_all[ev], adv, n_boot, seed, False))
+        curves[attack] = metrics.roc(clean_all[ev], adv)
+    seconds = time_per_image(det.score, pool.x[:256])
+    return rows, curves, seconds
+
+
+def run_supervised(name: str, params: dict, trained: models.Trained, train: data.Dataset, pool: data.Dataset,
+                   records: dict[str, AttackRecord], seed: int, n_boot: int, device: str = "auto",
+                   train_attacks: list[str] | None = None):
+    """Fit on each attack's fit half; evaluate on every attack's evaluation half (transfer).
+
+    Returns (rows of the matched attack, transfer rows, seconds per image).
+    """
+    rows, transfer, seconds = [], [], float("nan")
+    for train_attack, rec in records.items():
+        if train_attacks is not None and train_attack not in train_attacks:
+            continue
+        fit_idx, _ = split_halves(rec, seed)
+        if len(fit_idx) < 10:  # too few examples to fit a regression
+            continue
+        det = detectors.detector(name, device=device, **params)
+        det.fit(trained, train, x_clean=torch.from_numpy(rec.x_clean[fit_idx]), x_adv=torch.from_numpy(rec.x_adv[fit_idx]))
+        key = {**detector_key(name, params, trained), "trained_on": rec.key}
+        clean_all = cached_scores(det, key, pool.x)  # every attack's clean originals are pool images
+        for test_attack, other in records.items():
+            _, ev = split_halves(other, seed)
+            if len(ev) < 2:
+                continue
+            clean = clean_all[ev]
+            adv = cached_scores(det, key, other.x_adv[ev])
+            row = result_row(name, test_attack, clean, adv, n_boot if test_attack == train_attack else 0, seed, True)
+            transfer.append({"detector": name, "train_attack": train_attack, "test_attack": test_attack, "auroc": row["auroc"]})
+            if test_attack == train_attack:
+                rows.append(row)
+        if np.isnan(seconds):
+            seconds = time_per_image(det.score, torch.from_numpy(rec.x_clean[: min(256, len(rec))]))
+    return rows, transfer, seconds
+
+
+def subset_scan_layers(trained: models.Trained, train: data.Dataset, pool: data.Dataset,
+                       records: dict[str, AttackRecord], layers: list[str], attacks: list[str],
+                       seed: int, n_background: int = 1000, device: str = "auto") -> pd.DataFrame:
+    """AUROC of per-image subset scanning at each layer, per attack (the seed's table)."""
+    rows = []
+    for layer in layers:
+        params = {"layer": layer, "n_background": n_background, "seed": seed}
+        det = detectors.detector("subset_scan", device=device, **params).fit(trained, train)
+        key = detector_key("subset_scan", params, trained)
+        clean_all = cached_scores(det, key, pool.x)
+        for attack in attacks:
+            if attack not in records:
+                continue
+            _, ev = split_halves(records[attack], seed)
+            if len(ev) < 2:
+                continue
+            adv = cached_scores(det, key, records[attack].x_adv[ev])
+            rows.append({"layer": layer, "attack": attack, "auroc": metrics.detection_metrics(clean_all[ev], adv)["auroc"]})
+    return pd.DataFrame(rows)

@@ -1,0 +1,115 @@
+r"""The OpenOOD family, through pytorch-ood (not re-implemented here).
+
+Each entry builds the pytorch-ood detector on the frozen classifier's parts: the whole model
+(logits), the encoder up to the penultimate layer (features :math:`z`), or the trunk up to the
+last convolutional map and the head after it. Scores are pytorch-ood's outlier scores: higher
+is more suspicious.
+
+============  =====================================================  ==========================
+name          method (paper)                                          score
+============  =====================================================  ==========================
+``msp``       Maximum softmax probability (Hendrycks & Gimpel 2017)   :math:`-\max_c p_c`
+``odin``      ODIN (Liang et al. 2018): temperature + input step      :math:`-\max_c p_c(\tilde x; T)`
+``mds``       Mahalanobis (Lee et al. 2018), class-conditional        :math:`\min_c d_M(z, \mu_c)`
+``rmds``      Relative Mahalanobis (Ren et al. 2021)                  :math:`\min_c d_M(z,\mu_c) - d_M(z,\mu_0)`
+``ebo``       Energy (Liu et al. 2020)                                :math:`-T\log\sum_c e^{z_c/T}`
+``mls``       Maximum logit (Hendrycks et al. 2022)                   :math:`-\max_c z_c`
+``gen``       Generalised entropy (Liu et al. 2023)                   :math:`\sum_c p_c^\gamma(1-p_c)^\gamma`
+``react``     ReAct (Sun et al. 2021): clipped activations + energy   energy of the clipped net
+``ash``       ASH-S (Djurisic et al. 2023): pruned, rescaled maps     energy of the shaped net
+``knn``       Deep k-NN (Sun et al. 2022) on normalised features      distance to the k-th neighbour
+``vim``       Virtual logit matching (Wang et al. 2022)               residual norm vs energy
+``she``       Simplified Hopfield energy (Zhang et al. 2023)          −similarity to class patterns
+============  =====================================================  ==========================
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .. import data, models
+from .base import Detector, DetectorError
+
+
+def split(model: nn.Sequential, layer: str) -> tuple[nn.Sequential, nn.Sequential]:
+    """(the model up to and including ``layer``, the rest) for a classifier of named blocks."""
+    names = [n for n, _ in model.named_children()]
+    if layer not in names:
+        raise DetectorError(f"unknown layer {layer!r}; valid layers: {', '.join(names)}")
+    i = names.index(layer) + 1
+    children = list(model.named_children())
+    return nn.Sequential(OrderedDict(children[:i])), nn.Sequential(OrderedDict(children[i:]))
+
+
+def _builders() -> dict[str, tuple[Callable, bool]]:
+    """name → (build(parts, **params) → pytorch-ood detector, whether it needs fitting)."""
+    import pytorch_ood.detector as pd
+
+    return {
+        "msp": (lambda p, **kw: pd.MaxSoftmax(p.model, **kw), False),
+        "odin": (lambda p, **kw: pd.ODIN(p.model, **{"eps": 0.0014, "temperature": 1000.0, **kw}), False),
+        "mds": (lambda p, **kw: pd.Mahalanobis(p.encoder, **kw), True),
+        "rmds": (lambda p, **kw: pd.RMD(p.encoder, **kw), True),
+        "ebo": (lambda p, **kw: pd.EnergyBased(p.model, **kw), False),
+        "mls": (lambda p, **kw: pd.MaxLogit(p.model, **kw), False),
+        "gen": (lambda p, **kw: pd.GEN(p.model, **kw), False),
+        "react": (lambda p, **kw: pd.ReAct(p.encoder, p.last, **{"percentile": 0.9, **kw}), True),
+        "ash": (lambda p, **kw: pd.ASH(p.trunk, p.head, **{"variant": "ash-s", "percentile": 0.65, **kw}), False),
+        "knn": (lambda p, **kw: pd.KNN(p.encoder, **{"k": 50, **kw}), True),
+        "vim": (lambda p, **kw: pd.ViM(p.encoder, w=p.last.weight, b=p.last.bias, **{"d": 64, **kw}), True),
+        "she": (lambda p, **kw: pd.SHE(p.encoder, p.last, **kw), True),
+    }
+
+
+NAMES = ("msp", "odin", "mds", "rmds", "ebo", "mls", "gen", "react", "ash", "knn", "vim", "she")
+
+
+class Parts:
+    """The frozen classifier cut where each method reads it."""
+
+    def __init__(self, trained: models.Trained, device: torch.device):
+        model = copy.deepcopy(trained.model).eval().to(device)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model = model
+        self.trunk, self.head = split(model, model.feature_layer)  # feature maps → logits
+        self.encoder, self.last = split(model, model.penultimate_layer)  # features z → logits
+        if not isinstance(self.last, nn.Sequential) or len(self.last) != 1 or not isinstance(self.last[0], nn.Linear):
+            raise DetectorError("the classifier must end with one Linear layer after its penultimate layer")
+        self.last = self.last[0]
+
+
+class PytorchOOD(Detector):
+    """One OpenOOD-family method from pytorch-ood, fitted on clean training data."""
+
+    def __init__(self, method: str, n_fit: int | None = 10000, seed: int = 0, device: str = "auto",
+                 batch_size: int = 256, **params):
+        if method not in NAMES:
+            raise DetectorError(f"unknown detector {method!r}; valid detectors: {', '.join(NAMES)}")
+        super().__init__(device=device, batch_size=batch_size)
+        self.name, self.method, self.n_fit, self.seed, self.params = method, method, n_fit, seed, params
+        self.ood = None
+
+    def _fit(self, trained: models.Trained, clean_train: data.Dataset, **kwargs) -> None:
+        build, needs_fit = _builders()[self.method]
+        parts = Parts(trained, self.device)
+        try:
+            self.ood = build(parts, **self.params)
+        except TypeError as exc:
+            raise DetectorError(f"{self.method}: {exc}") from exc
+        self.ood.to(self.device)
+        if needs_fit:
+            train = clean_train.take(self.n_fit, self.seed)
+            self.ood.fit(train.loader(batch_size=self.batch_size))
+
+    def _score(self, x: torch.Tensor) -> np.ndarray:
+        if self.method == "odin":  # ODIN takes a gradient step on the input
+            return self.ood.predict(x).detach().cpu().numpy()
+        with torch.no_grad():
+            return self.ood.predict(x).cpu().numpy()
