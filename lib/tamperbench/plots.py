@@ -25,10 +25,15 @@ def image_grid(rows: list, row_labels=None, col_labels=None, cmap="gray", size: 
             if img.ndim == 3:
                 img = img[0] if img.shape[0] == 1 else np.transpose(img, (1, 2, 0))
             ax.imshow(img, cmap=cmap, vmin=vmin, vmax=vmax)
-            if i == 0 and col_labels is not None:
-                ax.set_title(str(col_labels[j]), fontsize=8)
-        if row_labels is not None:
-            axes[i, 0].set_ylabel(str(row_labels[i]), fontsize=8, rotation=0, ha="right", va="center")
+    return _labelled(fig, axes, row_labels, col_labels)
+
+
+def _labelled(fig, axes, row_labels, col_labels):
+    """Column titles on the first row, row labels on the first column."""
+    for j, label in enumerate(col_labels if col_labels is not None else []):
+        axes[0, j].set_title(str(label), fontsize=8)
+    for i, label in enumerate(row_labels if row_labels is not None else []):
+        axes[i, 0].set_ylabel(str(label), fontsize=8, rotation=0, ha="right", va="center")
     fig.tight_layout()
     return fig
 
@@ -60,9 +65,4 @@ def overlay_grid(images, heatmaps, row_labels=None, col_labels=None, size: float
             if j:
                 m = heatmaps[i, j - 1]
                 ax.imshow((m - m.min()) / (np.ptp(m) + 1e-8), cmap="jet", alpha=alpha, vmin=0, vmax=1)
-            if i == 0 and col_labels is not None:
-                ax.set_title(str(col_labels[j]), fontsize=8)
-        if row_labels is not None:
-            axes[i, 0].set_ylabel(str(row_labels[i]), fontsize=8, rotation=0, ha="right", va="center")
-    fig.tight_layout()
-    return fig
+    return _labelled(fig, axes, row_labels, col_labels)

@@ -64,6 +64,18 @@ class Detector:
         raise NotImplementedError
 
 
+def split(model: torch.nn.Sequential, layer: str) -> tuple[torch.nn.Sequential, torch.nn.Sequential]:
+    """(the model up to and including ``layer``, the rest) for a classifier of named blocks."""
+    from collections import OrderedDict
+
+    names = [n for n, _ in model.named_children()]
+    if layer not in names:
+        raise DetectorError(f"unknown layer {layer!r}; valid layers: {', '.join(names)}")
+    children = list(model.named_children())
+    i = names.index(layer) + 1
+    return torch.nn.Sequential(OrderedDict(children[:i])), torch.nn.Sequential(OrderedDict(children[i:]))
+
+
 def layer_outputs(model: torch.nn.Module, x: torch.Tensor, layers: list[str], device, pool: bool = False,
                   batch_size: int = 512) -> dict[str, torch.Tensor]:
     """Outputs of the named blocks ``layers`` for ``x`` (N×D each: flattened, or spatially

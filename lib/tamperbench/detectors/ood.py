@@ -26,7 +26,6 @@ name          method (paper)                                          score
 from __future__ import annotations
 
 import copy
-from collections import OrderedDict
 from typing import Callable
 
 import numpy as np
@@ -34,17 +33,7 @@ import torch
 import torch.nn as nn
 
 from .. import data, models
-from .base import Detector, DetectorError
-
-
-def split(model: nn.Sequential, layer: str) -> tuple[nn.Sequential, nn.Sequential]:
-    """(the model up to and including ``layer``, the rest) for a classifier of named blocks."""
-    names = [n for n, _ in model.named_children()]
-    if layer not in names:
-        raise DetectorError(f"unknown layer {layer!r}; valid layers: {', '.join(names)}")
-    i = names.index(layer) + 1
-    children = list(model.named_children())
-    return nn.Sequential(OrderedDict(children[:i])), nn.Sequential(OrderedDict(children[i:]))
+from .base import Detector, DetectorError, split
 
 
 def _builders() -> dict[str, tuple[Callable, bool]]:

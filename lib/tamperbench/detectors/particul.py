@@ -31,7 +31,6 @@ Defaults follow the published setup: P = 4, k = 3, λ_u = 1, λ_c = 0, lr 5·10�
 from __future__ import annotations
 
 import copy
-from collections import OrderedDict
 import math
 import time
 from pathlib import Path
@@ -47,7 +46,7 @@ from cabrnet.core.utils.similarities import SimilarityLayer
 
 from .. import atomic, cache, data, models
 from ..attacks import model_digest
-from .base import Detector, DetectorError
+from .base import Detector, DetectorError, split
 
 MODES = ("categorical", "argmax", "mean")
 VERSION = 1
@@ -169,19 +168,9 @@ class ParticulDecision(CaBRNetClassifier):
         return logistic_confidence(maxima, self.calibration_loc, self.calibration_scale).mean(-1)
 
 
-def split_classifier(model: nn.Sequential, layer: str) -> tuple[nn.Sequential, nn.Sequential]:
-    """(trunk up to and including ``layer``, the rest) of a classifier made of named blocks."""
-    names = [n for n, _ in model.named_children()]
-    if layer not in names:
-        raise DetectorError(f"unknown layer {layer!r}; valid layers: {', '.join(names)}")
-    i = names.index(layer) + 1
-    children = list(model.named_children())
-    return nn.Sequential(OrderedDict(children[:i])), nn.Sequential(OrderedDict(children[i:]))
-
-
 def build_cabrnet(trained: models.Trained, layer: str, num_parts: int) -> CaBRNet:
     # a copy: freezing must not touch the study's classifier, which other chapters train against
-    trunk, head = split_classifier(copy.deepcopy(trained.model), layer)
+    trunk, head = split(copy.deepcopy(trained.model), layer)
     with torch.no_grad():
         d = trunk(torch.zeros(1, *trained.input_shape, device=next(trunk.parameters()).device)).shape[1]
     for p in list(trunk.parameters()) + list(head.parameters()):

@@ -29,8 +29,7 @@ import numpy as np
 import torch
 
 from .. import data, models
-from .base import Detector, DetectorError
-from .ood import split
+from .base import Detector, DetectorError, split
 
 SCORING = ("berk_jones", "higher_criticism", "kolmogorov_smirnov")
 
