@@ -121,3 +121,13 @@ def test_fast_per_sample_class_gradient_matches_art(victim):
     slow = super(type(clf), clf).class_gradient(x, label=labels)
     assert fast.shape == slow.shape == (len(x), 1, 1, 28, 28)
     assert np.allclose(fast, slow, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, budget", [("hopskipjump", {"max_iter": 2, "max_eval": 50, "init_eval": 5, "init_size": 20}),
+                                          ("boundary", {"max_iter": 5, "num_trial": 5, "sample_size": 5, "init_size": 20})])
+def test_black_box_attacks_are_deterministic_despite_arts_fresh_random_states(victim, name, budget):
+    trained, x, y = victim
+    atk = attacks.attack(name, trained, seed=5, **budget)
+    first, second = atk._run(x[:4], y[:4]), atk._run(x[:4], y[:4])  # uncached, twice
+    assert np.array_equal(first["x_adv"], second["x_adv"])
+    assert isinstance(np.random.RandomState(), np.random.mtrand.RandomState)  # restored afterwards

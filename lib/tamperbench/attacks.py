@@ -18,7 +18,9 @@ and the seed, so that later chapters (tampered datasets, detectors) reuse them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 
 from . import cache, models
 
-RECORD_VERSION = 3
+RECORD_VERSION = 4
 NORMS = {"inf": np.inf, "2": 2}
 
 
@@ -210,6 +212,28 @@ def _counting_classifier_class():
     return CountingClassifier
 
 
+@contextlib.contextmanager
+def seeded_fresh_random_states(seed: int):
+    """Make ``np.random.RandomState()`` (no seed) deterministic while the block runs.
+
+    ART's HopSkipJump and Boundary draw their random starting points from a *fresh*
+    ``np.random.RandomState()``, seeded from the OS: seeding the global RNG does not reach it.
+    Inside this block, each such call gets the next seed of a sequence fixed by ``seed``.
+    """
+    original = np.random.RandomState
+    counter = itertools.count()
+
+    class SeededRandomState(original):
+        def __init__(self, s=None):
+            super().__init__(np.random.SeedSequence([seed, next(counter)]).generate_state(1)[0] if s is None else s)
+
+    np.random.RandomState = SeededRandomState
+    try:
+        yield
+    finally:
+        np.random.RandomState = original
+
+
 def wrap(model: nn.Module, input_shape: tuple[int, ...], nb_classes: int, device: str = "auto"):
     """ART's PyTorchClassifier over a logits model: float32 inputs in [0, 1], explicit device."""
     dev = models.pick_device(device)
@@ -381,7 +405,8 @@ class Attack:
             labels = None  # these attack the model's own prediction
         else:
             labels = np.eye(self.nb_classes, dtype=np.float32)[y]
-        x_adv = art_attack.generate(x.copy(), y=labels).astype(np.float32)
+        with seeded_fresh_random_states(self.seed):
+            x_adv = art_attack.generate(x.copy(), y=labels).astype(np.float32)
         seconds = time.perf_counter() - start
         queries, gradients = clf.n_predicted / len(x), clf.n_gradients / len(x)
         x_adv = np.clip(x_adv, 0.0, 1.0)
