@@ -2,7 +2,6 @@
 
 import nbformat
 
-from tamperbench import config
 
 SHARED_CELL = "\n".join(
     [

@@ -1,8 +1,7 @@
 import numpy as np
 import pytest
-import torch
 
-from tamperbench import attacks, cache, data, models
+from tamperbench import attacks, data, models
 
 
 @pytest.fixture

@@ -245,7 +245,7 @@ def wrap(model: nn.Module, input_shape: tuple[int, ...], nb_classes: int, device
     return clf
 
 
-def _digest(*arrays: np.ndarray) -> str:
+def array_digest(*arrays: np.ndarray) -> str:
     h = hashlib.sha256()
     for a in arrays:
         a = np.ascontiguousarray(a)
@@ -256,7 +256,7 @@ def _digest(*arrays: np.ndarray) -> str:
 
 def model_digest(model: nn.Module) -> str:
     """Identity of a model: a hash of its weights (so a retrained model never reuses attacks)."""
-    return _digest(*(t.detach().cpu().numpy() for t in model.state_dict().values()))
+    return array_digest(*(t.detach().cpu().numpy() for t in model.state_dict().values()))
 
 
 # --------------------------------------------------------------------------- records
@@ -362,7 +362,7 @@ class Attack:
     def cache_params(self, x: np.ndarray, y: np.ndarray) -> dict:
         return {
             "version": RECORD_VERSION, "attack": self.name, "budget": self.budget, "targeted": self.targeted,
-            "seed": self.seed, "batch_size": self.batch_size, "model": model_digest(self.model), "data": _digest(x, y),
+            "seed": self.seed, "batch_size": self.batch_size, "model": model_digest(self.model), "data": array_digest(x, y),
         }
 
     def targets(self, y: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from . import cache, data, detectors, metrics, models
-from .attacks import AttackRecord, _digest, model_digest
+from .attacks import AttackRecord, array_digest, model_digest
 
 SCORES_VERSION = 1
 
@@ -38,7 +38,7 @@ def detector_key(name: str, params: dict, trained: models.Trained) -> dict:
 def cached_scores(det: detectors.Detector, key: dict, x: np.ndarray | torch.Tensor) -> np.ndarray:
     """Scores of ``x`` by a fitted detector, cached by the detector's key and the inputs."""
     x_np = x.numpy() if isinstance(x, torch.Tensor) else x
-    params = {"version": SCORES_VERSION, "code": cache.source_digest(), **key, "data": _digest(x_np)}
+    params = {"version": SCORES_VERSION, "code": cache.source_digest(), **key, "data": array_digest(x_np)}
     return cache.cached("scores", params, lambda: {"scores": det.score(torch.from_numpy(x_np))}, fmt="npz")["scores"]
 
 

@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tamperbench import data, models
 from tamperbench.detectors import DetectorError, detector
