@@ -1,14 +1,18 @@
 # Two commands for a newcomer (see README.md):
 #   make book   set-up if needed, prepare the data, run every notebook, build the HTML
 #   make test   the same set-up, then the tests
+# and one to send the report:
+#   make share  the built report as one zip archive that opens from disk, offline
 PROFILE ?= cpu
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 DEBIAN_FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 RAW_FMNIST    := data/datasets/FashionMNIST/raw/train-images-idx3-ubyte
+HTML    := book/_build/html
+ARCHIVE := book/_build/tamperbench-report.zip
 
-.PHONY: book test setup data notebooks clean-book
+.PHONY: book test setup data browser notebooks html share clean-book
 
 setup: $(STAMP)
 
@@ -22,23 +26,46 @@ $(STAMP): pyproject.toml
 	$(PY) -m ipykernel install --sys-prefix --name tamperbench --display-name "Python (tamperbench)" >/dev/null
 	touch $(STAMP)
 
-# Fashion-MNIST from Debian's package when we may install it (root, apt present, data missing);
-# otherwise the loader falls back to data/datasets or a torchvision download.
+# Debian packages, installed when we may (root, apt present) and they are missing: Fashion-MNIST,
+# and Chromium with its driver for the browser test. Otherwise the loader falls back to
+# data/datasets or a torchvision download, and the browser test is skipped with its reason.
+APT_INSTALL = DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
+define apt_get
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's $(1)"; \
+		$(APT_INSTALL) $(1) >/dev/null 2>&1 || { apt-get update -qq && $(APT_INSTALL) $(1) >/dev/null; }; \
+	else echo "not root or no apt: skipping Debian's $(1)"; fi
+endef
+
 data: setup
-	@if [ ! -f $(RAW_FMNIST) ] && [ ! -f $(DEBIAN_FMNIST) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		echo "installing Debian's dataset-fashion-mnist"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
-	fi
+	@if [ ! -f $(RAW_FMNIST) ] && [ ! -f $(DEBIAN_FMNIST) ]; then $(MAKE) --no-print-directory apt-fmnist; fi
 	$(PY) -m tamperbench prepare-data
+
+apt-fmnist:
+	$(call apt_get,dataset-fashion-mnist)
+
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then $(MAKE) --no-print-directory apt-browser; fi
+
+apt-browser:
+	$(call apt_get,chromium chromium-driver)
 
 notebooks: data
 	$(PY) -m tamperbench run --profile $(PROFILE)
 
-book: notebooks
-	$(VENV)/bin/jupyter-book build book/
-	@echo "The report: $(CURDIR)/book/_build/html/index.html"
+# --all: glued numbers on pages whose source did not change are never stale
+html:
+	$(VENV)/bin/jupyter-book build --all book/
 
-test: data
+book: notebooks html
+	@echo "The report: $(CURDIR)/$(HTML)/index.html  (make share: one zip to send)"
+
+# The built site as one archive; unzipped anywhere, index.html opens from disk with no network.
+share:
+	@test -f $(HTML)/index.html || { echo "no report built yet: run make book first"; exit 1; }
+	$(PY) -m tamperbench share $(HTML) $(ARCHIVE)
+
+test: data browser
 	$(PY) -m pytest
 
 clean-book:

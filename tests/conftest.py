@@ -43,3 +43,29 @@ def fake_debian_fmnist(tmp_path, monkeypatch):
         write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", y, gz=True)
     monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def ci_book(tmp_path_factory):
+    """The book sources with every notebook executed in the ci profile (real data root)."""
+    import shutil
+
+    from tamperbench import runner
+
+    book = tmp_path_factory.mktemp("book")
+    shutil.copytree(runner.BOOK_DIR, book, dirs_exist_ok=True, ignore=shutil.ignore_patterns("_build", "[0-9][0-9]_*.ipynb"))
+    runner.run("ci", book_dir=book, force=True)
+    return book
+
+
+@pytest.fixture(scope="session")
+def ci_site(ci_book):
+    """The ci book built as ``make test`` builds it (strict: -W -n --keep-going); the process and
+    the HTML folder."""
+    import subprocess
+    import sys
+
+    jb = Path(sys.executable).parent / "jupyter-book"
+    proc = subprocess.run([str(jb), "build", str(ci_book), "--all", "-W", "-n", "--keep-going"],
+                          capture_output=True, text=True)
+    return proc, ci_book / "_build" / "html"

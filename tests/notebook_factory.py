@@ -1,5 +1,6 @@
-"""Write small notebooks for the runner and config tests."""
+"""Write small notebooks (MyST Markdown sources, as the study's) for the runner and config tests."""
 
+import jupytext
 import nbformat
 
 
@@ -24,4 +25,4 @@ def write_notebook(path, parameters: str, *code: str) -> None:
     nb = nbformat.v4.new_notebook(cells=[params] + [nbformat.v4.new_code_cell(c) for c in code])
     nb.metadata["kernelspec"] = {"name": "tamperbench", "display_name": "Python (tamperbench)", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
-    nbformat.write(nb, path)
+    jupytext.write(nb, path, fmt="md:myst")

@@ -76,9 +76,9 @@ def test_overrides_parse_as_yaml():
 def test_notebook_lacking_shared_parameters_is_rejected(tmp_path):
     nb_dir = tmp_path / "notebooks"
     nb_dir.mkdir()
-    shutil.copy(config.NOTEBOOKS_DIR / "01_classifier.ipynb", nb_dir / "01_classifier.ipynb")
+    shutil.copy(config.NOTEBOOKS_DIR / "01_classifier.md", nb_dir / "01_classifier.md")
     from tests.notebook_factory import write_notebook
 
-    write_notebook(nb_dir / "02_bad.ipynb", "profile = 'cpu'\nseed = 0", "pass")
-    with pytest.raises(config.ConfigError, match="02_bad.ipynb lacks device"):
+    write_notebook(nb_dir / "02_bad.md", "profile = 'cpu'\nseed = 0", "pass")
+    with pytest.raises(config.ConfigError, match="02_bad.md lacks device"):
         config.load(config.CONFIG_PATH, nb_dir)

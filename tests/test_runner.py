@@ -21,7 +21,7 @@ def study(tmp_path, data_root):
     nb_dir.mkdir()
     book.mkdir()
     for name in ("01_first", "03_third"):
-        write_notebook(nb_dir / f"{name}.ipynb", SHARED_CELL + "\nk = 1", f"NAME = {name!r}", WRITE_PARAMS)
+        write_notebook(nb_dir / f"{name}.md", SHARED_CELL + "\nk = 1", f"NAME = {name!r}", WRITE_PARAMS)
     cfg = tmp_path / "_config.yml"
     cfg.write_text(
         "shared: {seed: 0, device: cpu, dataset: fashion_mnist, model: smallcnn, epochs: 1, batch_size: 8, lr: 0.1, n_train: null,"
@@ -70,9 +70,9 @@ def test_a_library_change_reruns(study, monkeypatch):
 
 def test_stops_at_the_first_failing_notebook(study):
     nb_dir, book, cfg = study
-    write_notebook(nb_dir / "02_broken.ipynb", SHARED_CELL, "raise ValueError('boom-123')")
+    write_notebook(nb_dir / "02_broken.md", SHARED_CELL, "raise ValueError('boom-123')")
     (book / "02_broken.ipynb").write_text("{}")  # a stale copy from an earlier run
-    with pytest.raises(runner.NotebookFailed, match=r"02_broken.ipynb failed(.|\n)*ValueError: boom-123"):
+    with pytest.raises(runner.NotebookFailed, match=r"02_broken.md failed(.|\n)*ValueError: boom-123"):
         runner.run("cpu", book_dir=book, notebooks_dir=nb_dir, config_path=cfg, log=lambda m: None)
     assert (book / "01_first.ipynb").exists()
     assert not (book / "02_broken.ipynb").exists()  # no stale chapter left to build

@@ -92,9 +92,7 @@ def _types_from(annotation: ast.expr | None, default: Any) -> tuple[type, ...]:
 
 @lru_cache(maxsize=64)
 def _notebook_parameters_cached(path: str, mtime: float) -> dict[str, tuple[type, ...]]:
-    import nbformat
-
-    nb = nbformat.read(path, as_version=4)
+    nb = read_notebook(Path(path))
     cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     if not cells:
         raise ConfigError(f"{Path(path).name} has no cell tagged 'parameters'")
@@ -119,9 +117,25 @@ def notebook_parameters(path: Path) -> dict[str, tuple[type, ...]]:
     return _notebook_parameters_cached(str(path), path.stat().st_mtime)
 
 
+#: The notebooks' source format: MyST Markdown notebooks (jupytext's ``md:myst``). Prose is
+#: plain Markdown and code sits in ``{code-cell}`` blocks, so a markdown cell cannot end up
+#: as commented-out lines, and a diff reads like a diff of text.
+NOTEBOOK_SUFFIX = ".md"
+
+
+def read_notebook(path: Path):
+    """A notebook source (MyST Markdown, or ``.ipynb``) as an nbformat notebook."""
+    import jupytext
+
+    try:
+        return jupytext.read(path)
+    except Exception as exc:  # jupytext raises many types on malformed sources
+        raise ConfigError(f"cannot read notebook {Path(path).name}: {exc}") from exc
+
+
 def list_notebooks(notebooks_dir: Path = NOTEBOOKS_DIR) -> list[Path]:
-    """The study's notebooks in reading order (``NN_name.ipynb``)."""
-    return sorted(p for p in Path(notebooks_dir).glob("[0-9][0-9]_*.ipynb"))
+    """The study's notebooks in reading order (``NN_name.md``)."""
+    return sorted(p for p in Path(notebooks_dir).glob(f"[0-9][0-9]_*{NOTEBOOK_SUFFIX}"))
 
 
 def parse_value(text: str) -> Any:

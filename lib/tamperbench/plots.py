@@ -38,10 +38,12 @@ def _labelled(fig, axes, row_labels, col_labels):
     return fig
 
 
-def heatmap(tidy: pd.DataFrame, index: str, columns: str, values: str, fmt: str = ".2f", title: str = "", **kw):
-    """A seaborn heatmap of a tidy table (one row per cell)."""
+def heatmap(tidy: pd.DataFrame, index: str, columns: str, values: str, fmt: str = ".2f", title: str = "", ax=None, **kw):
+    """A seaborn heatmap of a tidy table (one row per cell), on ``ax`` or a new figure."""
     grid = tidy.pivot(index=index, columns=columns, values=values)
-    fig, ax = plt.subplots(figsize=(1 + 0.7 * grid.shape[1], 0.8 + 0.45 * grid.shape[0]))
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(1 + 0.7 * grid.shape[1], 0.8 + 0.45 * grid.shape[0]))
+    fig = ax.figure
     sns.heatmap(grid, annot=True, fmt=fmt, cmap=kw.pop("cmap", "viridis"), ax=ax, **kw)
     ax.set_title(title)
     fig.tight_layout()

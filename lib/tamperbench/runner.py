@@ -50,8 +50,10 @@ class RunRecord:
 
 def _notebook_digest(path: Path) -> str:
     # Hash the cells' sources only: metadata noise (kernel display name, widths) is not a change.
-    nb = nbformat.read(path, as_version=4)
-    return hashlib.sha256(json.dumps([c.source for c in nb.cells]).encode()).hexdigest()[:20]
+    nb = config.read_notebook(path)
+    # Tags and figure captions live in cell metadata and change the page, so they count.
+    cells = [(c.cell_type, c.source, {k: c.metadata[k] for k in ("tags", "mystnb") if k in c.metadata}) for c in nb.cells]
+    return hashlib.sha256(json.dumps(cells, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def fingerprint(notebook: Path, params: Mapping[str, Any], lib_digest: str) -> str:
@@ -111,6 +113,15 @@ class PeakMemory:
         self._thread.join()
 
 
+def _hide_parameter_cells(nb) -> None:
+    """Remove the parameter cells from the rendered page (each chapter shows its parameters as a
+    readable table instead, through ``tamperbench.report.show_parameters``)."""
+    for cell in nb.cells:
+        tags = cell.metadata.setdefault("tags", [])
+        if {"parameters", "injected-parameters"} & set(tags) and "remove-cell" not in tags:
+            tags.append("remove-cell")
+
+
 def _write_run_log(profile: str, records: list[RunRecord]) -> Path:
     """Upsert this run's rows (one row per notebook: its latest execution)."""
     path = paths.results_dir(profile) / "run_log.csv"
@@ -166,39 +177,37 @@ def run(
     lib_digest = cache.source_digest()
     book_dir = Path(book_dir)
     records: list[RunRecord] = []
-    try:
-        for nb, params in plan:
-            out = book_dir / nb.name
-            fp = fingerprint(nb, params, lib_digest)
-            if not force and _stored_fingerprint(out) == fp and paths.results_dir(profile, nb.stem).exists():
-                log(f"[{profile}] {nb.stem}: unchanged since its last run, skipped (use --force to rerun)")
-                records.append(RunRecord(nb.stem, "skipped", 0.0, 0.0, "", fp))
-                continue
-            log(f"[{profile}] {nb.stem}: running with {params}")
-            failed_copy = paths.results_dir(profile) / "failed" / nb.name
-            start = time.perf_counter()
-            with atomic.atomic_path(out) as tmp, PeakMemory() as mem:
-                try:
-                    papermill.execute_notebook(
-                        str(nb), str(tmp), parameters=params, kernel_name=kernel,
-                        cwd=str(paths.REPO_ROOT), progress_bar=False, language="python",
-                    )
-                except Exception as exc:
-                    failed_copy.parent.mkdir(parents=True, exist_ok=True)
-                    if tmp.exists():
-                        tmp.replace(failed_copy)
-                    out.unlink(missing_ok=True)  # never leave a stale chapter behind
-                    raise NotebookFailed(_failure_message(nb, exc, failed_copy)) from exc
-                executed = nbformat.read(tmp, as_version=4)
-                executed.metadata["tamperbench"] = {"fingerprint": fp, "profile": profile, "parameters": params}
-                nbformat.write(executed, tmp)
-            failed_copy.unlink(missing_ok=True)
-            wall = time.perf_counter() - start
-            rec = RunRecord(nb.stem, "ran", round(wall, 2), round(mem.peak / 2**20, 1),
-                            dt.datetime.now().isoformat(timespec="seconds"), fp)
-            records.append(rec)
-            log(f"[{profile}] {nb.stem}: done in {rec.wall_seconds:.1f} s, peak memory {rec.peak_memory_mb:.0f} MB")
-    finally:
-        if any(r.status == "ran" for r in records):
-            _write_run_log(profile, records)
+    for nb, params in plan:
+        out = book_dir / f"{nb.stem}.ipynb"
+        fp = fingerprint(nb, params, lib_digest)
+        if not force and _stored_fingerprint(out) == fp and paths.results_dir(profile, nb.stem).exists():
+            log(f"[{profile}] {nb.stem}: unchanged since its last run, skipped (use --force to rerun)")
+            records.append(RunRecord(nb.stem, "skipped", 0.0, 0.0, "", fp))
+            continue
+        log(f"[{profile}] {nb.stem}: running with {params}")
+        failed_copy = paths.results_dir(profile) / "failed" / out.name
+        start = time.perf_counter()
+        with atomic.atomic_path(out) as tmp, PeakMemory() as mem:
+            try:
+                papermill.execute_notebook(
+                    config.read_notebook(nb), str(tmp), parameters=params, kernel_name=kernel,
+                    cwd=str(paths.REPO_ROOT), progress_bar=False, language="python",
+                )
+            except Exception as exc:
+                failed_copy.parent.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():
+                    tmp.replace(failed_copy)
+                out.unlink(missing_ok=True)  # never leave a stale chapter behind
+                raise NotebookFailed(_failure_message(nb, exc, failed_copy)) from exc
+            executed = nbformat.read(tmp, as_version=4)
+            executed.metadata["tamperbench"] = {"fingerprint": fp, "profile": profile, "parameters": params}
+            _hide_parameter_cells(executed)
+            nbformat.write(executed, tmp)
+        failed_copy.unlink(missing_ok=True)
+        wall = time.perf_counter() - start
+        rec = RunRecord(nb.stem, "ran", round(wall, 2), round(mem.peak / 2**20, 1),
+                        dt.datetime.now().isoformat(timespec="seconds"), fp)
+        records.append(rec)
+        _write_run_log(profile, [rec])  # now, so that a later notebook (the reproduce chapter) reads it
+        log(f"[{profile}] {nb.stem}: done in {rec.wall_seconds:.1f} s, peak memory {rec.peak_memory_mb:.0f} MB")
     return records
