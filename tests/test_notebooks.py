@@ -15,7 +15,7 @@ def test_every_notebook_runs_in_the_ci_profile(ci_book):
     log = pd.read_csv(paths.results_dir("ci") / "run_log.csv")
     assert set(log.notebook) >= {nb.stem for nb in config.list_notebooks()}
     acc = pd.read_csv(paths.results_dir("ci", "01_classifier") / "accuracy.csv")
-    assert list(acc.columns) == ["model", "dataset", "split", "n", "accuracy"]
+    assert list(acc.columns) == ["model", "dataset", "split", "n", "accuracy", "profile", "seed"]  # provenance last
     assert acc.accuracy.min() > 0.5  # even one tiny epoch learns far beyond chance (0.1)
 
 

@@ -68,17 +68,124 @@ def test_a_library_change_reruns(study, monkeypatch):
     assert runner.run("cpu", only=["01_first"], **quiet)[0].status == "ran"
 
 
+def test_a_failing_notebook_keeps_the_last_good_copy_and_blocks_the_build(study):
+    nb_dir, book, cfg = study
+    quiet = dict(book_dir=book, notebooks_dir=nb_dir, config_path=cfg, log=lambda m: None)
+    runner.run("cpu", **quiet)
+    good = (book / "03_third.ipynb").read_bytes()
+    params_before = _params("cpu", "03_third")
+    write_notebook(nb_dir / "03_third.md", SHARED_CELL + "\nk = 1", "raise ValueError('boom-123')")
+    with pytest.raises(runner.NotebookFailed, match=r"03_third.md failed(.|\n)*last good copy(.|\n)*ValueError: boom-123"):
+        runner.run("cpu", **quiet)
+    assert (book / "03_third.ipynb").read_bytes() == good  # nothing lost
+    assert _params("cpu", "03_third") == params_before
+    assert (paths.results_dir("cpu") / "failed" / "03_third.ipynb").exists()
+    log = pd.read_csv(paths.results_dir("cpu") / "run_log.csv").set_index("notebook")
+    assert log.loc["03_third", "status"] == "failed" and log.loc["01_first", "status"] == "ran"
+    assert not [f for f in book.iterdir() if f.name.startswith(".")]  # no temporary file left in book/
+    problems = runner.check_book(book, nb_dir)
+    assert problems and "03_third failed" in problems[0]
+    with pytest.raises(config.ConfigError, match="not building the book: 03_third failed"):
+        runner.build(book, notebooks_dir=nb_dir)
+
+
 def test_stops_at_the_first_failing_notebook(study):
     nb_dir, book, cfg = study
     write_notebook(nb_dir / "02_broken.md", SHARED_CELL, "raise ValueError('boom-123')")
-    (book / "02_broken.ipynb").write_text("{}")  # a stale copy from an earlier run
     with pytest.raises(runner.NotebookFailed, match=r"02_broken.md failed(.|\n)*ValueError: boom-123"):
         runner.run("cpu", book_dir=book, notebooks_dir=nb_dir, config_path=cfg, log=lambda m: None)
     assert (book / "01_first.ipynb").exists()
-    assert not (book / "02_broken.ipynb").exists()  # no stale chapter left to build
     assert not (book / "03_third.ipynb").exists()  # never ran
     assert not (paths.results_dir("cpu", "03_third")).exists()
     assert (paths.results_dir("cpu") / "failed" / "02_broken.ipynb").exists()
+    assert runner.check_book(book, nb_dir)  # a chapter is missing: the book must not build
+
+
+def test_sigterm_leaves_no_file_in_book(study, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    nb_dir, book, cfg = study
+    write_notebook(nb_dir / "01_first.md", SHARED_CELL + "\nk = 1", "import time; time.sleep(60)")
+    script = (f"from tamperbench import runner; runner.run('cpu', book_dir={str(book)!r}, notebooks_dir={str(nb_dir)!r},"
+              f" config_path={str(cfg)!r}, log=print)")
+    proc = subprocess.Popen([sys.executable, "-c", script], env=os.environ.copy(), stdout=subprocess.PIPE, text=True)
+    assert "01_first: running" in proc.stdout.readline()
+    time.sleep(8)  # the kernel is up and sleeping in the cell
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    assert list(book.iterdir()) == []
+
+
+def _shared_study(tmp_path, data_root):
+    nb_dir, book = tmp_path / "nbs", tmp_path / "bk"
+    nb_dir.mkdir(), book.mkdir()
+    for name in ("01_first", "02_second"):
+        write_notebook(nb_dir / f"{name}.md", SHARED_CELL + "\nattack_suite = {}\nk = 1", f"NAME = {name!r}", WRITE_PARAMS)
+    cfg = tmp_path / "study.yml"
+    cfg.write_text(
+        "shared: {seed: 0, device: cpu, dataset: fashion_mnist, model: smallcnn, epochs: 1, batch_size: 8, lr: 0.1, n_train: null,"
+        " n_pool: 4, attack_suite: {fgsm: {n: 4, eps: 0.1}, bim: {n: 4, eps: 0.1, max_iter: 5}}, particul: {}}\n"
+        "default_profile: cpu\nprofiles:\n  cpu: {}\n")
+    return dict(book_dir=book, notebooks_dir=nb_dir, config_path=cfg, log=lambda m: None)
+
+
+def test_a_shared_change_for_some_chapters_is_refused(tmp_path, data_root):
+    kw = _shared_study(tmp_path, data_root)
+    runner.run("cpu", **kw)
+    with pytest.raises(config.ConfigError, match=r"02_second \(seed=0\).*--variant"):
+        runner.run("cpu", only=["01_first"], overrides={"seed": 1}, **kw)
+    # a chapter's own parameter changes nothing shared: allowed
+    assert runner.run("cpu", only=["01_first"], overrides={"k": 3}, **kw)[0].status == "ran"
+    # the whole book rerun together stays consistent: allowed
+    assert [r.status for r in runner.run("cpu", overrides={"seed": 1}, **kw)] == ["ran", "ran"]
+
+
+def test_dotted_overrides_change_one_nested_value(tmp_path, data_root):
+    kw = _shared_study(tmp_path, data_root)
+    cfg = config.load(kw["config_path"], kw["notebooks_dir"])
+    params = cfg.parameters("cpu", "01_first", {"attack_suite.fgsm.eps": 0.2})
+    assert params["attack_suite"] == {"fgsm": {"n": 4, "eps": 0.2}, "bim": {"n": 4, "eps": 0.1, "max_iter": 5}}
+    assert cfg.parameters("cpu", "01_first")["attack_suite"]["fgsm"]["eps"] == 0.1  # the config is untouched
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"attack_suite.fgsm.eps": 2.0}, "attack_suite.fgsm"),
+    ({"attack_suite.fgsm.eps": "big"}, "attack_suite.fgsm"),
+    ({"attack_suite.nosuch.eps": 0.1}, "unknown attack 'nosuch'; valid attacks: fgsm"),
+    ({"attack_suite.fgsm.n": 0}, "n must be an int"),
+    ({"dataset": "imagenet"}, "unknown dataset 'imagenet'; valid choices"),
+    ({"seed.x": 1}, "seed is 0, not a mapping"),
+    ({"nope.x": 1}, "unknown parameter 'nope.x'"),
+])
+def test_nested_values_are_validated_before_any_kernel_starts(tmp_path, data_root, monkeypatch, override, message):
+    kw = _shared_study(tmp_path, data_root)
+    monkeypatch.setattr(runner, "ensure_kernel", lambda: pytest.fail("a kernel was started"))
+    with pytest.raises(config.ConfigError, match=message):
+        runner.run("cpu", overrides=override, **kw)
+    assert not any(kw["book_dir"].iterdir())
+
+
+def test_a_variant_writes_nothing_into_the_main_results(study):
+    nb_dir, book, cfg = study
+    quiet = dict(notebooks_dir=nb_dir, config_path=cfg, log=lambda m: None)
+    runner.run("cpu", book_dir=book, **quiet)
+    main_before = {p: p.read_bytes() for p in paths.results_dir("cpu", variant="").rglob("*") if p.is_file()}
+    runner.run("cpu", only=["01_first"], overrides={"seed": 9}, variant="seed9", **quiet)
+    main_after = {p: p.read_bytes() for p in paths.results_dir("cpu", variant="").rglob("*")
+                  if p.is_file() and "variants" not in p.parts}
+    assert main_after == main_before
+    assert _params("cpu", "01_first") ["seed"] == 0
+    variant_dir = paths.results_dir("cpu", variant="seed9")
+    assert json.loads((variant_dir / "01_first" / "params.json").read_text())["seed"] == 9
+    assert (variant_dir / "book" / "01_first.ipynb").exists() and (variant_dir / "book" / "_toc.yml").exists()
+    assert not (book / "01_first.ipynb").read_bytes() == (variant_dir / "book" / "01_first.ipynb").read_bytes()
+    with pytest.raises(config.ConfigError, match="variant name"):
+        runner.run("cpu", variant="../escape", **quiet)
 
 
 def test_bad_requests_fail_before_running_anything(study):
@@ -99,3 +206,14 @@ def test_cli_reports_errors_in_one_line(capsys):
     assert main(["run", "--profile", "nope"]) == 2
     assert "valid profiles: ci, cpu, gpu" in capsys.readouterr().err
     assert main(["run", "-p", "seed"]) == 2
+
+
+def test_list_names_what_exists(capsys):
+    from tamperbench.__main__ import main
+
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for expected in ("01_classifier: n_show=", "PROFILES (default: cpu): ci, cpu, gpu", "fgsm (white box",
+                     "eps=0.1 [in [0, clip_max]]", "particul: num_parts=4", "lid *:", "fashion_mnist [id]",
+                     "mnist_subset [ood]"):
+        assert expected in out, expected

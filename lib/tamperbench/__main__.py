@@ -1,32 +1,55 @@
-"""Command line: ``python -m tamperbench run|prepare-data ...``."""
+"""Command line: ``python -m tamperbench run|build|list|share|prepare-data ...``."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from pathlib import Path
 
 from . import config, data, runner, share
+
+OVERRIDES_HELP = """\
+overrides (-p KEY=VALUE, repeatable):
+  VALUE is YAML: 3 is an int, 0.1 a float, null is None, [1, 5] a list, {eps: 0.2} a mapping.
+  A dotted KEY changes one nested value and keeps the others:
+    -p attack_suite.fgsm.eps=0.2      (the rest of the suite is unchanged)
+    -p particul.epochs=5  -p n_train=null  -p seed=1
+  Every value is validated before any notebook starts. A shared value (seed, dataset, model,
+  training, attack suite, particul) changed for only some chapters (--only) would make the book
+  inconsistent: the runner refuses it, unless the run is a --variant with its own book.
+  python -m tamperbench list  shows every notebook's parameters, attacks, detectors, datasets.
+"""
 
 
 def _overrides(pairs: list[str]) -> dict:
     out = {}
     for pair in pairs:
         if "=" not in pair:
-            raise config.ConfigError(f"override {pair!r} must look like key=value")
+            raise config.ConfigError(f"override {pair!r} must look like key=value (see --help)")
         key, value = pair.split("=", 1)
         out[key.strip()] = config.parse_value(value)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tamperbench")
+    parser = argparse.ArgumentParser(prog="python -m tamperbench", description="Run, build and share the tamperbench study.")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="execute the notebooks into book/")
+    run = sub.add_parser("run", help="execute the notebooks into book/ (or a variant's own book)",
+                         epilog=OVERRIDES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--profile", help="ci, cpu or gpu (default: the config's default_profile)")
     run.add_argument("--only", action="append", metavar="NOTEBOOK", help="run only this notebook (repeatable)")
-    run.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE", help="override a parameter")
+    run.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE", help="override a parameter (see below)")
     run.add_argument("--force", action="store_true", help="rerun even unchanged notebooks")
-    run.add_argument("--book-dir", default=str(runner.BOOK_DIR), help="where executed notebooks go")
+    run.add_argument("--variant", metavar="NAME", help="write executed notebooks, tables and figures to "
+                     "data/results/<profile>/variants/NAME/ and build that variant's own book there")
+    run.add_argument("--book-dir", help="where executed notebooks go (default: book/, or the variant's book)")
+    run.add_argument("--quiet", action="store_true", help="do not stream each notebook's cells and outputs")
+    bld = sub.add_parser("build", help="build the HTML report (refuses a book with a failed or missing chapter)")
+    bld.add_argument("--variant", metavar="NAME", help="build this variant's book instead of book/")
+    bld.add_argument("--profile", help="the variant's profile (default: the config's default_profile)")
+    bld.add_argument("--strict", action="store_true", help="warnings are errors (-W -n --keep-going)")
+    sub.add_parser("list", help="notebooks and their parameters, profiles, attacks, detectors, datasets")
     sub.add_parser("prepare-data", help="put the offline datasets in place")
     shr = sub.add_parser("share", help="zip the built report into one archive that opens offline")
     shr.add_argument("html", nargs="?", default=str(runner.BOOK_DIR / "_build" / "html"), help="the built HTML folder")
@@ -35,12 +58,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "prepare-data":
             print(f"Fashion-MNIST ready in {data.prepare_fashion_mnist()}")
-            return 0
-        if args.command == "share":
+        elif args.command == "list":
+            from . import catalog
+
+            print(catalog.describe())
+        elif args.command == "share":
             out = share.make_archive(args.html, args.archive)
             print(f"{out} ({out.stat().st_size / 2**20:.1f} MiB): unzip anywhere and open tamperbench-report/index.html")
-            return 0
-        runner.run(args.profile, args.only, _overrides(args.param), args.force, book_dir=args.book_dir)
+        elif args.command == "build":
+            book = runner.BOOK_DIR
+            if args.variant:
+                book = runner.variant_book_dir(args.profile or config.load().default_profile, args.variant)
+            html = runner.build(book, strict=args.strict)
+            print(f"The report: {html / 'index.html'}")
+        else:
+            if not args.quiet:  # stream each cell's outputs (progress bars included) as it runs
+                logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+                logging.getLogger("papermill").setLevel(logging.INFO)
+            records = runner.run(args.profile, args.only, _overrides(args.param), args.force,
+                                 book_dir=Path(args.book_dir) if args.book_dir else None,
+                                 variant=args.variant, progress=not args.quiet)
+            if args.variant:
+                profile = args.profile or config.load().default_profile
+                html = runner.build(runner.variant_book_dir(profile, args.variant))
+                print(f"Variant {args.variant!r}: {len(records)} chapter(s); its report: {html / 'index.html'}")
     except (config.ConfigError, data.DatasetUnavailable, share.ShareError, KeyError) as exc:
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2

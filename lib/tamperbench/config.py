@@ -22,6 +22,7 @@ defaults (or annotations) give their types. Any unknown key or wrong type is a
 from __future__ import annotations
 
 import ast
+import copy
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -91,7 +92,8 @@ def _types_from(annotation: ast.expr | None, default: Any) -> tuple[type, ...]:
 
 
 @lru_cache(maxsize=64)
-def _notebook_parameters_cached(path: str, mtime: float) -> dict[str, tuple[type, ...]]:
+def _parameters_cell(path: str, mtime: float) -> dict[str, tuple[tuple[type, ...], Any]]:
+    """name → (allowed types, default) for each assignment of the notebook's ``parameters`` cell."""
     nb = read_notebook(Path(path))
     cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     if not cells:
@@ -108,8 +110,17 @@ def _notebook_parameters_cached(path: str, mtime: float) -> dict[str, tuple[type
             default = ast.literal_eval(value)
         except ValueError:
             default = object()
-        out[name] = _types_from(annotation, default)
+        out[name] = (_types_from(annotation, default), default)
     return out
+
+
+def _notebook_parameters_cached(path: str, mtime: float) -> dict[str, tuple[type, ...]]:
+    return {name: types for name, (types, _) in _parameters_cell(path, mtime).items()}
+
+
+def notebook_defaults(path: Path) -> dict[str, Any]:
+    """The default value of each parameter in a notebook's ``parameters`` cell."""
+    return {name: default for name, (_, default) in _parameters_cell(str(path), path.stat().st_mtime).items()}
 
 
 def notebook_parameters(path: Path) -> dict[str, tuple[type, ...]]:
@@ -160,29 +171,77 @@ class StudyConfig:
         return profile
 
     def parameters(self, profile: str, notebook: str, overrides: Mapping[str, Any] | None = None) -> dict:
-        """The parameters Papermill injects into ``notebook`` under ``profile`` and ``overrides``."""
+        """The parameters Papermill injects into ``notebook`` under ``profile`` and ``overrides``.
+
+        An override key may be dotted (``attack_suite.fgsm.eps``): it changes that one nested
+        value and keeps the rest. Every value is validated here, nested ones included, so a bad
+        one fails before any kernel starts.
+        """
         self.check_profile(profile)
         if notebook not in self.notebooks:
             raise ConfigError(f"unknown notebook {notebook!r}; valid notebooks: {', '.join(self.notebooks)}")
         declared = self.notebooks[notebook]
         prof = self.profiles[profile] or {}
-        params = {"profile": profile, **self.shared, **prof.get("shared", {}), **prof.get(notebook, {})}
+        params = copy.deepcopy({"profile": profile, **self.shared, **prof.get("shared", {}), **prof.get(notebook, {})})
         for key, value in (overrides or {}).items():
-            if key in SHARED_TYPES or key in declared:
-                params[key] = value
+            root = key.split(".", 1)[0]
+            if root in SHARED_TYPES or root in declared:
+                set_dotted(params, key, value)
         wanted = set(REQUIRED_SHARED) | set(self.shared_declared[notebook])
         params = {k: v for k, v in params.items() if k not in SHARED_TYPES or k in wanted}
         for key, value in params.items():
             types = SHARED_TYPES.get(key) or declared.get(key, (object,))
             if not _type_ok(value, types):
                 raise ConfigError(f"parameter {key!r} of {notebook} must be {_names(types)}, got {value!r}")
+        _check_shared({k: v for k, v in params.items() if k in SHARED_TYPES}, f"{notebook} ({profile})", require_all=False)
+        _check_names({k: v for k, v in params.items() if k not in SHARED_TYPES}, f"{notebook} ({profile})")
         return params
 
     def check_overrides(self, overrides: Mapping[str, Any], notebooks: list[str]) -> None:
         valid = set(SHARED_TYPES).union(*(self.notebooks[n] for n in notebooks)) - set(RUNNER_KEYS)
         for key in overrides:
-            if key not in valid:
+            if key.split(".", 1)[0] not in valid:
                 raise ConfigError(f"unknown parameter {key!r} for {', '.join(notebooks)}; valid parameters: {', '.join(sorted(valid))}")
+
+
+def set_dotted(params: dict, key: str, value: Any) -> None:
+    """Set ``params[a][b][c] = value`` for ``key = "a.b.c"``, creating missing mappings below ``a``."""
+    *path, last = key.split(".")
+    node = params
+    for i, part in enumerate(path):
+        if part not in node:
+            if i == 0:
+                raise ConfigError(f"unknown parameter {part!r}")
+            node[part] = {}
+        if not isinstance(node[part], dict):
+            raise ConfigError(f"cannot set {key!r}: {'.'.join(path[: i + 1])} is {node[part]!r}, not a mapping")
+        node = node[part]
+    node[last] = value
+
+
+#: Notebook parameters that name things of a registry: validated before any kernel starts.
+NAMED_PARAMETERS = {
+    "unsupervised": "detector", "supervised": "detector", "detector_params": "detector",
+    "ood_sets": "dataset",
+    "curve_attacks": "attack", "explain_attacks": "attack", "subset_attacks": "attack", "transfer_attacks": "attack",
+}
+
+
+def registry(kind: str) -> list[str]:
+    """The valid names of ``kind``: attack, detector, dataset or model."""
+    from . import attacks, data, detectors, models
+
+    return {"attack": attacks.available, "detector": detectors.available, "dataset": data.available,
+            "model": models.available}[kind]()
+
+
+def _check_names(params: Mapping[str, Any], where: str) -> None:
+    for key, kind in NAMED_PARAMETERS.items():
+        if key in params and isinstance(params[key], (list, dict)):
+            valid = registry(kind)
+            for name in params[key]:
+                if name not in valid:
+                    raise ConfigError(f"{where}: {key} names unknown {kind} {name!r}; valid {kind}s: {', '.join(valid)}")
 
 
 def _check_attack_suite(suite: dict, where: str) -> None:
@@ -278,6 +337,7 @@ def load(path: Path = CONFIG_PATH, notebooks_dir: Path = NOTEBOOKS_DIR) -> Study
                     raise ConfigError(f"unknown parameter {pkey!r} in {where}; valid parameters: {', '.join(sorted(valid))}")
                 if not _type_ok(value, valid[pkey]):
                     raise ConfigError(f"{where}.{pkey} must be {_names(valid[pkey])}, got {value!r}")
+            _check_names(block, where)
     default = raw.get("default_profile", "cpu")
     if default not in profiles:
         raise ConfigError(f"default_profile {default!r} is not a profile; valid profiles: {', '.join(profiles)}")

@@ -1,6 +1,7 @@
 """Where things live. Everything under ``data/`` is git-ignored (see ``data/README.md``).
 
-``TAMPERBENCH_DATA`` moves the data root (tests use it to simulate a missing dataset).
+``TAMPERBENCH_DATA`` moves the data root (tests use it to simulate a missing dataset);
+``TAMPERBENCH_VARIANT`` (set by the runner's ``--variant``) moves a run's results to their own folder.
 """
 
 from __future__ import annotations
@@ -25,6 +26,16 @@ def artifacts_dir() -> Path:
     return data_root() / "artifacts"
 
 
-def results_dir(profile: str, notebook: str | None = None) -> Path:
+def current_variant() -> str | None:
+    """The variant being run (``$TAMPERBENCH_VARIANT``, set by the runner), or None for the main one."""
+    return os.environ.get("TAMPERBENCH_VARIANT") or None
+
+
+def results_dir(profile: str, notebook: str | None = None, variant: str | None = None) -> Path:
+    """``results/<profile>/[<notebook>]``, or for a variant ``results/<profile>/variants/<name>/...``
+    (``variant`` defaults to the one being run), so that a variant never overwrites the main run."""
+    variant = variant if variant is not None else current_variant()
     base = data_root() / "results" / profile
+    if variant:
+        base = base / "variants" / variant
     return base / notebook if notebook else base

@@ -142,3 +142,24 @@ def machine() -> dict:
         "gpu": gpu,
         "python": platform.python_version(),
     }
+
+
+def chapter_parameters(book_dir=None, exclude=("90_reproduce",)) -> pd.DataFrame:
+    """The shared parameters each executed chapter of a book ran with, one row per (chapter,
+    parameter), and whether every chapter agrees on that parameter (``consistent``)."""
+    import os
+    from pathlib import Path
+
+    from . import runner
+
+    book_dir = Path(book_dir or os.environ.get("TAMPERBENCH_BOOK_DIR") or runner.BOOK_DIR)
+    rows = []
+    for chapter, params in runner.executed_parameters(book_dir).items():
+        if chapter in exclude:
+            continue
+        for key in ("profile", *runner.CONSISTENT_KEYS):
+            if key in params:
+                rows.append({"chapter": chapter, "parameter": key, "value": _inline(params[key])})
+    df = pd.DataFrame(rows, columns=["chapter", "parameter", "value"])
+    df["consistent"] = df.groupby("parameter")["value"].transform("nunique") == 1
+    return df

@@ -19,8 +19,9 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 class Results:
     """The output folder of one notebook in one profile."""
 
-    def __init__(self, profile: str, notebook: str):
-        self.profile, self.notebook = profile, notebook
+    def __init__(self, profile: str, notebook: str, seed: int | None = None):
+        self.profile, self.notebook, self.seed = profile, notebook, seed
+        self.variant = paths.current_variant()
         self.dir: Path = paths.results_dir(profile, notebook)
         self.dir.mkdir(parents=True, exist_ok=True)
 
@@ -29,10 +30,21 @@ class Results:
             raise ValueError(f"result name {name!r} must use only letters, digits, '_', '-' and '.'")
         return self.dir / (name if name.endswith(suffix) else name + suffix)
 
+    def provenance(self) -> dict:
+        """The columns every written table carries: what produced it (profile, seed, variant)."""
+        out = {"profile": self.profile}
+        if self.seed is not None:
+            out["seed"] = self.seed
+        if self.variant:
+            out["variant"] = self.variant
+        return out
+
     def table(self, df: pd.DataFrame, name: str) -> pd.DataFrame:
-        """Write ``df`` as ``<name>.csv`` and return it, so a cell can both save and show it."""
+        """Write ``df`` as ``<name>.csv``, with provenance columns appended, and return ``df``
+        as given, so a cell can both save and show it."""
+        written = df.assign(**{k: v for k, v in self.provenance().items() if k not in df.columns})
         with atomic.atomic_path(self._path(name, ".csv")) as tmp:
-            df.to_csv(tmp, index=False)
+            written.to_csv(tmp, index=False)
         return df
 
     def figure(self, fig, name: str, dpi: int = 110):
