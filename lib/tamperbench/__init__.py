@@ -2,14 +2,24 @@
 
 The package is deliberately thin. Notebooks call it; each module does one job:
 
-- :mod:`tamperbench.paths`   where data, artifacts and results live;
-- :mod:`tamperbench.cache`   content-keyed, atomic, self-healing artifact cache;
-- :mod:`tamperbench.config`  the study configuration (top-level ``_config.yml``);
-- :mod:`tamperbench.data`    the dataset registry;
-- :mod:`tamperbench.models`  the classifier registry and cached training;
-- :mod:`tamperbench.results` tidy CSV tables and PNG figures per notebook;
-- :mod:`tamperbench.report`  what a chapter shows: parameters, glued numbers, tables;
-- :mod:`tamperbench.runner`  executes the notebooks with Papermill.
+- :mod:`tamperbench.paths`      where data, artifacts and results live (and a variant's);
+- :mod:`tamperbench.atomic`     atomic file writes;
+- :mod:`tamperbench.cache`      content-keyed, atomic, self-healing artifact cache;
+- :mod:`tamperbench.config`     the study configuration (top-level ``_config.yml``), overrides;
+- :mod:`tamperbench.data`       the dataset registry (in-distribution and OOD sets);
+- :mod:`tamperbench.models`     the classifier registry and cached training;
+- :mod:`tamperbench.attacks`    the attack registry over ART, with cached per-sample records;
+- :mod:`tamperbench.suite`      the study's attack suite: pool, runs, summaries;
+- :mod:`tamperbench.tampering`  tampered datasets built from attack records;
+- :mod:`tamperbench.detectors`  one module per detector, PARTICUL on CaBRNet first;
+- :mod:`tamperbench.metrics`    detection metrics with bootstrap intervals;
+- :mod:`tamperbench.benchmark`  the per-sample detection benchmark, cached scores;
+- :mod:`tamperbench.plots`      figures several chapters draw;
+- :mod:`tamperbench.results`    tidy CSV tables and PNG figures per notebook, with provenance;
+- :mod:`tamperbench.report`     what a chapter shows: parameters, glued numbers, tables;
+- :mod:`tamperbench.runner`     executes the notebooks with Papermill, builds the book;
+- :mod:`tamperbench.catalog`    ``python -m tamperbench list``: what exists;
+- :mod:`tamperbench.share`      the built report as one archive that opens offline.
 """
 
 __version__ = "0.1.0"

@@ -342,3 +342,17 @@ def load(path: Path = CONFIG_PATH, notebooks_dir: Path = NOTEBOOKS_DIR) -> Study
     if default not in profiles:
         raise ConfigError(f"default_profile {default!r} is not a profile; valid profiles: {', '.join(profiles)}")
     return StudyConfig(shared, default, profiles, notebooks, shared_declared)
+
+
+def study(profile: str | None = None, overrides: Mapping[str, Any] | None = None, path: Path = CONFIG_PATH) -> dict:
+    """The shared parameters of ``profile`` (default: the config's default profile), as the
+    book's chapters get them: library code called with these hits the book's cache."""
+    cfg = load(path)
+    profile = cfg.check_profile(profile or cfg.default_profile)
+    params = {"profile": profile, **copy.deepcopy(cfg.shared), **copy.deepcopy((cfg.profiles[profile] or {}).get("shared", {}))}
+    for key, value in (overrides or {}).items():
+        if key.split(".", 1)[0] not in SHARED_TYPES:
+            raise ConfigError(f"unknown shared parameter {key!r}; valid: {', '.join(SHARED_TYPES)}")
+        set_dotted(params, key, value)
+    _check_shared({k: v for k, v in params.items() if k in SHARED_TYPES}, f"study ({profile})", require_all=True)
+    return params

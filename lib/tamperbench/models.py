@@ -140,6 +140,12 @@ class TrainConfig:
     augment: bool = False  # random crop + flip, for CIFAR-scale runs
     seed: int = 0
 
+    @classmethod
+    def from_study(cls, params: dict) -> "TrainConfig":
+        """The training settings of a study's shared parameters (``config.study(...)``)."""
+        return cls(epochs=params["epochs"], batch_size=params["batch_size"], lr=params["lr"],
+                   n_train=params["n_train"], seed=params["seed"])
+
 
 @dataclass
 class Trained:

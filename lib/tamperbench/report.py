@@ -12,8 +12,6 @@ from typing import Any, Mapping
 
 import pandas as pd
 import yaml
-from IPython.display import Markdown, display
-
 from . import config
 
 
@@ -52,6 +50,8 @@ def parameters_markdown(notebook: str, namespace: Mapping[str, Any], profile: st
 
 def show_parameters(notebook: str, namespace: Mapping[str, Any]) -> None:
     """Display the run's parameters at the top of a chapter (see :func:`parameters_markdown`)."""
+    from IPython.display import Markdown, display
+
     display(Markdown(parameters_markdown(notebook, namespace)))
 
 
@@ -81,6 +81,8 @@ def glue(name: str, value: Any) -> None:
 
 def glue_md(name: str, text: str) -> None:
     """Glue a Markdown phrase (a verdict, a list of names) for ``{glue:md}`name``` in prose."""
+    from IPython.display import Markdown
+
     glue(name, Markdown(text))
 
 
