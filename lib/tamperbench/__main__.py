@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             book = runner.BOOK_DIR
             if args.variant:
                 book = runner.variant_book_dir(args.profile or config.load().default_profile, args.variant)
-            html = runner.build(book, strict=args.strict)
+            html = runner.build(book, strict=args.strict, require_all=not args.variant)
             print(f"The report: {html / 'index.html'}")
         else:
             if not args.quiet:  # stream each cell's outputs (progress bars included) as it runs
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                                  variant=args.variant, progress=not args.quiet)
             if args.variant:
                 profile = args.profile or config.load().default_profile
-                html = runner.build(runner.variant_book_dir(profile, args.variant))
+                html = runner.build(runner.variant_book_dir(profile, args.variant), require_all=False)
                 print(f"Variant {args.variant!r}: {len(records)} chapter(s); its report: {html / 'index.html'}")
     except (config.ConfigError, data.DatasetUnavailable, share.ShareError, KeyError) as exc:
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)

@@ -163,8 +163,10 @@ def _failure_message(nb_path: Path, exc: Exception, failed_copy: Path, kept: Pat
 #: Shared parameters that must agree across the chapters of one book (``device`` may differ:
 #: the same computation on another device).
 CONSISTENT_KEYS = tuple(k for k in config.SHARED_TYPES if k != "device")
+#: The chapter that says how a book was built; a variant's book always includes it.
+REPRODUCE_CHAPTER = "90_reproduce"
 #: The book's own sources, copied into a variant's book.
-BOOK_SOURCES = ("_config.yml", "_toc.yml", "intro.md", "references.md", "references.bib")
+BOOK_SOURCES = ("_config.yml", "_toc.yml", "intro.md", "references.md", "references.bib", "_ext")
 _VARIANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
@@ -239,7 +241,10 @@ def _prepare_variant_book(book_dir: Path, source: Path = None) -> None:
     source = Path(source or BOOK_DIR)
     book_dir.mkdir(parents=True, exist_ok=True)
     for name in BOOK_SOURCES:
-        if (source / name).exists():
+        if (source / name).is_dir():
+            shutil.copytree(source / name, book_dir / name, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        elif (source / name).exists():
             shutil.copy2(source / name, book_dir / name)
 
 
@@ -268,7 +273,10 @@ def run(
         for o in only:
             if Path(o).stem not in names:
                 raise config.ConfigError(f"unknown notebook {o!r}; valid notebooks: {', '.join(names)}")
-        notebooks = [p for p in notebooks if p.stem in {Path(o).stem for o in only}]
+        wanted = {Path(o).stem for o in only}
+        if variant:  # a variant's book always says how it was built
+            wanted.add(REPRODUCE_CHAPTER)
+        notebooks = [p for p in notebooks if p.stem in wanted]
     overrides = dict(overrides or {})
     cfg.check_overrides(overrides, [p.stem for p in notebooks])
     # Resolve and validate every notebook's parameters before running any, so a bad value fails fast.
@@ -335,13 +343,13 @@ def _run_one(nb, params, profile, book_dir, workdir, kernel, lib_digest, force, 
     return rec
 
 
-def check_book(book_dir: Path = BOOK_DIR, notebooks_dir: Path = config.NOTEBOOKS_DIR) -> list[str]:
-    """Why ``book_dir`` must not be built now ([] when it may): a chapter missing, or failed in
-    its last run."""
+def check_book(book_dir: Path = BOOK_DIR, notebooks_dir: Path = config.NOTEBOOKS_DIR, require_all: bool = True) -> list[str]:
+    """Why ``book_dir`` must not be built now ([] when it may): a chapter missing (unless
+    ``require_all`` is false, as for a variant of a few chapters), or failed in its last run."""
     problems = []
     executed = executed_parameters(book_dir)
     for nb in config.list_notebooks(notebooks_dir):
-        if nb.stem not in executed:
+        if require_all and nb.stem not in executed:
             problems.append(f"{nb.stem} has no executed copy in {book_dir} (run: python -m tamperbench run)")
     for profile in {p["profile"] for p in executed.values() if p.get("profile")}:
         log_path = paths.results_dir(profile) / "run_log.csv"
@@ -353,15 +361,17 @@ def check_book(book_dir: Path = BOOK_DIR, notebooks_dir: Path = config.NOTEBOOKS
     return problems
 
 
-def build(book_dir: Path = BOOK_DIR, strict: bool = False, notebooks_dir: Path = config.NOTEBOOKS_DIR) -> Path:
+def build(book_dir: Path = BOOK_DIR, strict: bool = False, notebooks_dir: Path = config.NOTEBOOKS_DIR,
+          require_all: bool = True) -> Path:
     """Build ``book_dir`` with Jupyter Book (``--all``: glued numbers are never stale), after
     :func:`check_book`; returns the HTML folder."""
-    problems = check_book(book_dir, notebooks_dir)
+    problems = check_book(book_dir, notebooks_dir, require_all)
     if problems:
         raise config.ConfigError("not building the book: " + "; ".join(problems))
     jb = Path(sys.executable).parent / "jupyter-book"
     cmd = [str(jb) if jb.exists() else "jupyter-book", "build", "--all", str(book_dir)]
     if strict:
         cmd += ["-W", "-n", "--keep-going"]
-    subprocess.run(cmd, check=True)
+    if subprocess.run(cmd).returncode != 0:
+        raise config.ConfigError(f"jupyter-book could not build {book_dir}: see its messages above")
     return Path(book_dir) / "_build" / "html"
