@@ -33,7 +33,8 @@ APT_INSTALL = DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
 define apt_get
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		echo "installing Debian's $(1)"; \
-		$(APT_INSTALL) $(1) >/dev/null 2>&1 || { apt-get update -qq && $(APT_INSTALL) $(1) >/dev/null; }; \
+		$(APT_INSTALL) $(1) >/dev/null 2>&1 || { apt-get update -qq && $(APT_INSTALL) $(1) >/dev/null; } \
+			|| echo "could not install Debian's $(1); going on without it (what needs it says so)"; \
 	else echo "not root or no apt: skipping Debian's $(1)"; fi
 endef
 
