@@ -15,21 +15,25 @@ WRITE_PARAMS = (
 )
 
 
-@pytest.fixture
-def study(tmp_path, data_root):
-    nb_dir, book = tmp_path / "notebooks", tmp_path / "book"
-    nb_dir.mkdir()
-    book.mkdir()
-    for name in ("01_first", "03_third"):
-        write_notebook(nb_dir / f"{name}.md", SHARED_CELL + "\nk = 1", f"NAME = {name!r}", WRITE_PARAMS)
-    cfg = tmp_path / "_config.yml"
+def _write_study(root, names, cell, suite, profiles):
+    """Notebooks ``names`` (each writing its parameters) and a study config under ``root``."""
+    nb_dir, book = root / "notebooks", root / "book"
+    nb_dir.mkdir(), book.mkdir()
+    for name in names:
+        write_notebook(nb_dir / f"{name}.md", SHARED_CELL + cell, f"NAME = {name!r}", WRITE_PARAMS)
+    cfg = root / "_config.yml"
     cfg.write_text(
         "shared: {seed: 0, device: cpu, dataset: fashion_mnist, model: smallcnn, epochs: 1, batch_size: 8, lr: 0.1, n_train: null,"
-        " n_pool: 4, attack_suite: {}, particul: {}}\n"
-        "default_profile: cpu\n"
-        "profiles:\n  cpu: {01_first: {k: 5}, shared: {epochs: 2}}\n  ci: {}\n"
+        f" n_pool: 4, attack_suite: {suite}, particul: {{}}}}\n"
+        f"default_profile: cpu\nprofiles:\n{profiles}"
     )
     return nb_dir, book, cfg
+
+
+@pytest.fixture
+def study(tmp_path, data_root):
+    return _write_study(tmp_path, ("01_first", "03_third"), "\nk = 1", "{}",
+                        "  cpu: {01_first: {k: 5}, shared: {epochs: 2}}\n  ci: {}\n")
 
 
 def _params(profile, name):
@@ -122,15 +126,8 @@ def test_sigterm_leaves_no_file_in_book(study, tmp_path):
 
 
 def _shared_study(tmp_path, data_root):
-    nb_dir, book = tmp_path / "nbs", tmp_path / "bk"
-    nb_dir.mkdir(), book.mkdir()
-    for name in ("01_first", "02_second"):
-        write_notebook(nb_dir / f"{name}.md", SHARED_CELL + "\nattack_suite = {}\nk = 1", f"NAME = {name!r}", WRITE_PARAMS)
-    cfg = tmp_path / "study.yml"
-    cfg.write_text(
-        "shared: {seed: 0, device: cpu, dataset: fashion_mnist, model: smallcnn, epochs: 1, batch_size: 8, lr: 0.1, n_train: null,"
-        " n_pool: 4, attack_suite: {fgsm: {n: 4, eps: 0.1}, bim: {n: 4, eps: 0.1, max_iter: 5}}, particul: {}}\n"
-        "default_profile: cpu\nprofiles:\n  cpu: {}\n")
+    nb_dir, book, cfg = _write_study(tmp_path, ("01_first", "02_second"), "\nattack_suite = {}\nk = 1",
+                                     "{fgsm: {n: 4, eps: 0.1}, bim: {n: 4, eps: 0.1, max_iter: 5}}", "  cpu: {}\n")
     return dict(book_dir=book, notebooks_dir=nb_dir, config_path=cfg, log=lambda m: None)
 
 

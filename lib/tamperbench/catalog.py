@@ -16,15 +16,15 @@ def _detector_parameters(name: str) -> str:
     factory = detectors.DETECTORS[name]
     target = getattr(factory, "func", factory)  # functools.partial for the pytorch-ood family
     skip = {"self", "kw", "kwargs", "method"}
-    params = []
+    params = {}  # name → "name=default", subclass first, each name once
     for cls in getattr(target, "__mro__", [target]):
         init = cls.__dict__.get("__init__") if isinstance(cls, type) else cls
         if init is None:
             continue
         for p in inspect.signature(init).parameters.values():
-            if p.name not in skip and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name not in [q.split("=")[0] for q in params]:
-                params.append(f"{p.name}={p.default!r}" if p.default is not p.empty else p.name)
-    return ", ".join(params)
+            if p.name not in skip and p.name not in params and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                params[p.name] = f"{p.name}={p.default!r}" if p.default is not p.empty else p.name
+    return ", ".join(params.values())
 
 
 def describe(cfg: config.StudyConfig | None = None) -> str:

@@ -181,12 +181,7 @@ class StudyConfig:
         if notebook not in self.notebooks:
             raise ConfigError(f"unknown notebook {notebook!r}; valid notebooks: {', '.join(self.notebooks)}")
         declared = self.notebooks[notebook]
-        prof = self.profiles[profile] or {}
-        params = copy.deepcopy({"profile": profile, **self.shared, **prof.get("shared", {}), **prof.get(notebook, {})})
-        for key, value in (overrides or {}).items():
-            root = key.split(".", 1)[0]
-            if root in SHARED_TYPES or root in declared:
-                set_dotted(params, key, value)
+        params = self._merged(profile, notebook, overrides, lambda root: root in SHARED_TYPES or root in declared)
         wanted = set(REQUIRED_SHARED) | set(self.shared_declared[notebook])
         params = {k: v for k, v in params.items() if k not in SHARED_TYPES or k in wanted}
         for key, value in params.items():
@@ -195,6 +190,16 @@ class StudyConfig:
                 raise ConfigError(f"parameter {key!r} of {notebook} must be {_names(types)}, got {value!r}")
         _check_shared({k: v for k, v in params.items() if k in SHARED_TYPES}, f"{notebook} ({profile})", require_all=False)
         _check_names({k: v for k, v in params.items() if k not in SHARED_TYPES}, f"{notebook} ({profile})")
+        return params
+
+    def _merged(self, profile: str, notebook: str | None, overrides: Mapping[str, Any] | None, accepts) -> dict:
+        """Shared values, then the profile's shared block and notebook block, then the overrides
+        whose root key ``accepts`` (dotted keys set one nested value); a deep copy."""
+        prof = self.profiles[profile] or {}
+        params = copy.deepcopy({"profile": profile, **self.shared, **prof.get("shared", {}), **prof.get(notebook, {})})
+        for key, value in (overrides or {}).items():
+            if accepts(key.split(".", 1)[0]):
+                set_dotted(params, key, value)
         return params
 
     def check_overrides(self, overrides: Mapping[str, Any], notebooks: list[str]) -> None:
@@ -349,10 +354,9 @@ def study(profile: str | None = None, overrides: Mapping[str, Any] | None = None
     book's chapters get them: library code called with these hits the book's cache."""
     cfg = load(path)
     profile = cfg.check_profile(profile or cfg.default_profile)
-    params = {"profile": profile, **copy.deepcopy(cfg.shared), **copy.deepcopy((cfg.profiles[profile] or {}).get("shared", {}))}
-    for key, value in (overrides or {}).items():
+    for key in overrides or {}:
         if key.split(".", 1)[0] not in SHARED_TYPES:
             raise ConfigError(f"unknown shared parameter {key!r}; valid: {', '.join(SHARED_TYPES)}")
-        set_dotted(params, key, value)
+    params = cfg._merged(profile, None, overrides, lambda root: True)
     _check_shared({k: v for k, v in params.items() if k in SHARED_TYPES}, f"study ({profile})", require_all=True)
     return params

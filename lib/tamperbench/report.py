@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 import pandas as pd
 import yaml
+
 from . import config
 
 
@@ -84,10 +85,6 @@ def glue_md(name: str, text: str) -> None:
     from IPython.display import Markdown
 
     glue(name, Markdown(text))
-
-
-def percent(x: float, digits: int = 1) -> str:
-    return f"{100 * x:.{digits}f} %"
 
 
 def table(df: pd.DataFrame, digits: int = 3):

@@ -152,7 +152,7 @@ def _failure_message(nb_path: Path, exc: Exception, failed_copy: Path, kept: Pat
 
     if isinstance(exc, PapermillExecutionError):
         detail = f"{exc.ename}: {exc.evalue}\n" + "\n".join(exc.traceback)
-        detail = __import__("re").sub(r"\x1b\[[0-9;]*m", "", detail)  # strip ANSI colours
+        detail = re.sub(r"\x1b\[[0-9;]*m", "", detail)  # strip ANSI colours
         where = f" (cell {exc.exec_count})"
     else:
         detail, where = f"{type(exc).__name__}: {exc}", ""
