@@ -28,7 +28,7 @@ def _write(tmp_path, body: str):
 
 SHARED = """
 shared: {seed: 0, device: auto, dataset: fashion_mnist, model: smallcnn, epochs: 1, batch_size: 8, lr: 0.1, n_train: null,
-         n_pool: 10, attack_suite: {fgsm: {n: 10, eps: 0.1}}, particul: {epochs: 1}}
+         n_pool: 10, attack_suite: {fgsm: {n: 10, eps: 0.1}}, particul: {epochs: 1}, particul_search: {}}
 """
 
 
@@ -50,6 +50,12 @@ shared: {seed: 0, device: auto, dataset: fashion_mnist, model: smallcnn, epochs:
         (SHARED.replace("n_pool: 10, ", "") + "profiles: {cpu: {}}", "shared lacks n_pool"),
         (SHARED.replace("epochs: 1}", "epochs: 0}") + "profiles: {cpu: {}}", "shared.particul: particul: epochs must be an int ≥ 1"),
         (SHARED.replace("particul: {epochs: 1}", "particul: {parts: 4}") + "profiles: {cpu: {}}", "shared.particul: particul: .*parts"),
+        (SHARED.replace("particul_search: {}", "particul_search: {num_parts: 4}") + "profiles: {cpu: {}}",
+         "shared.particul_search: particul_search.num_parts must be a list of ints"),
+        (SHARED.replace("particul_search: {}", "particul_search: {layer: block2}") + "profiles: {cpu: {}}",
+         "unknown particul_search keys.*valid keys: layers, num_parts, multi_layer, selection_attack"),
+        (SHARED.replace("particul_search: {}", "particul_search: {selection_attack: pgd}") + "profiles: {cpu: {}}",
+         "selection_attack 'pgd' is not in the attack suite; valid: fgsm"),
     ],
 )
 def test_bad_configurations_name_the_problem_and_the_choices(tmp_path, body, message):

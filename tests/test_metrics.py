@@ -6,7 +6,7 @@ from tamperbench import metrics
 
 def test_perfectly_separated_scores():
     m = metrics.detection_metrics(np.array([0.1, 0.2, 0.3]), np.array([0.7, 0.8, 0.9]))
-    assert m == pytest.approx({"auroc": 1.0, "fpr95": 0.0, "aupr_in": 1.0, "aupr_out": 1.0, "tpr_at_fpr5": 1.0})
+    assert m == pytest.approx({"auroc": 1.0, "fpr95": 0.0, "fpr80": 0.0, "aupr_in": 1.0, "aupr_out": 1.0, "tpr_at_fpr5": 1.0})
 
 
 def test_hand_computed_auroc_and_rates():
@@ -19,6 +19,16 @@ def test_hand_computed_auroc_and_rates():
     assert m["fpr95"] == pytest.approx(0.75)
     # at FPR 0 (no clean input flagged, threshold above 0.8) only 0.9 is caught
     assert m["tpr_at_fpr5"] == pytest.approx(0.25)
+
+
+def test_fpr_at_80_and_95_percent_caught():
+    clean = np.array([0.1, 0.4, 0.35, 0.8, 0.55])
+    tampered = np.array([0.3, 0.9, 0.5, 0.6, 0.7])
+    m = metrics.detection_metrics(clean, tampered)
+    # catching 4 of 5 (80 %) needs the threshold at 0.5: clean 0.55 and 0.8 pass → 2/5
+    assert m["fpr80"] == pytest.approx(0.4)
+    # catching all 5 (≥ 95 %) needs 0.3: clean 0.35, 0.4, 0.55, 0.8 pass → 4/5
+    assert m["fpr95"] == pytest.approx(0.8)
 
 
 def test_identical_distributions_give_half_and_shift_gives_one():

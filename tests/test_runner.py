@@ -24,7 +24,7 @@ def _write_study(root, names, cell, suite, profiles):
     cfg = root / "_config.yml"
     cfg.write_text(
         "shared: {seed: 0, device: cpu, dataset: fashion_mnist, model: smallcnn, epochs: 1, batch_size: 8, lr: 0.1, n_train: null,"
-        f" n_pool: 4, attack_suite: {suite}, particul: {{}}}}\n"
+        f" n_pool: 4, attack_suite: {suite}, particul: {{}}, particul_search: {{}}}}\n"
         f"default_profile: cpu\nprofiles:\n{profiles}"
     )
     return nb_dir, book, cfg

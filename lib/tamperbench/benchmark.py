@@ -69,13 +69,17 @@ def result_row(detector: str, attack: str, clean: np.ndarray, tampered: np.ndarr
     m = metrics.detection_metrics(clean, tampered)
     lo, hi = metrics.bootstrap_ci(clean, tampered, "auroc", n_boot=n_boot, seed=seed) if n_boot else (np.nan, np.nan)
     return {"detector": detector, "attack": attack, "auroc": m["auroc"], "auroc_low": lo, "auroc_high": hi,
-            "fpr95": m["fpr95"], "aupr_in": m["aupr_in"], "aupr_out": m["aupr_out"], "tpr_at_fpr5": m["tpr_at_fpr5"],
+            "fpr95": m["fpr95"], "fpr80": m["fpr80"], "aupr_in": m["aupr_in"], "aupr_out": m["aupr_out"], "tpr_at_fpr5": m["tpr_at_fpr5"],
             "n_clean": len(clean), "n_tampered": len(tampered), "supervised": supervised}
 
 
 def run_unsupervised(name: str, params: dict, trained: models.Trained, train: data.Dataset, pool: data.Dataset,
-                     records: dict[str, AttackRecord], seed: int, n_boot: int, device: str = "auto"):
-    """Fit one unsupervised detector and evaluate it on every attack; returns (rows, curves, seconds/img)."""
+                     records: dict[str, AttackRecord], seed: int, n_boot: int, device: str = "auto",
+                     label: str | None = None):
+    """Fit one unsupervised detector and evaluate it on every attack; returns (rows, curves, seconds/img).
+
+    ``label``: the detector's name in the rows (default ``name``), e.g. for two configurations
+    of one method."""
     det = detectors.detector(name, device=device, **params).fit(trained, train)
     key = detector_key(name, params, trained)
     clean_all = cached_scores(det, key, pool.x)
@@ -85,7 +89,7 @@ def run_unsupervised(name: str, params: dict, trained: models.Trained, train: da
         if len(ev) < 2:
             continue
         adv = cached_scores(det, key, rec.x_adv[ev])
-        rows.append(result_row(name, attack, clean_all[ev], adv, n_boot, seed, False))
+        rows.append(result_row(label or name, attack, clean_all[ev], adv, n_boot, seed, False))
         curves[attack] = metrics.roc(clean_all[ev], adv)
     seconds = time_per_image(det.score, pool.x[:256])
     return rows, curves, seconds

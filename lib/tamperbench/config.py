@@ -50,8 +50,10 @@ SHARED_TYPES: dict[str, tuple[type, ...]] = {
     # of pool images it attacks and its budget. Chapters after 02 reuse its cached records.
     "n_pool": (int,),
     "attack_suite": (dict,),
-    # PARTICUL's settings (chapter 3; later chapters reuse the fitted detector from the cache)
+    # PARTICUL's settings (chapter 3; later chapters reuse the fitted detector from the cache),
+    # and the grid of layers and part counts its default configuration is chosen from
     "particul": (dict,),
+    "particul_search": (dict,),
 }
 #: Every notebook declares these; the others are injected where a notebook declares them.
 REQUIRED_SHARED = ("seed", "device", "dataset", "model", "epochs", "batch_size", "lr", "n_train")
@@ -283,6 +285,17 @@ def _check_shared(block: Any, where: str, require_all: bool) -> dict:
             detector("particul", device="cpu", **block["particul"])
         except DetectorError as exc:
             raise ConfigError(f"{where}.particul: {exc}") from exc
+    if "particul_search" in block:
+        from .detectors import DetectorError
+        from .particul_search import check_search
+
+        try:
+            search = check_search(block["particul_search"])
+        except DetectorError as exc:
+            raise ConfigError(f"{where}.particul_search: {exc}") from exc
+        if isinstance(block.get("attack_suite"), dict) and search["selection_attack"] not in block["attack_suite"]:
+            raise ConfigError(f"{where}.particul_search.selection_attack {search['selection_attack']!r} is not in the "
+                              f"attack suite; valid: {', '.join(block['attack_suite'])}")
     if require_all:
         missing = [k for k in SHARED_TYPES if k not in block]
         if missing:

@@ -62,6 +62,8 @@ class Dataset:
     y: torch.Tensor
     classes: tuple[str, ...]
     provenance: dict = field(default_factory=dict)
+    #: positions of these samples in the split they were drawn from (None: the whole split)
+    indices: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.y)
@@ -78,7 +80,8 @@ class Dataset:
             raise ValueError(f"n must be ≥ 0, got {n}")
         idx = torch.from_numpy(np.sort(np.random.default_rng(seed).permutation(len(self))[:n]))
         prov = dict(self.provenance, subset_n=n, subset_seed=seed)
-        return Dataset(self.name, self.split, self.x[idx], self.y[idx], self.classes, prov)
+        base = self.indices if self.indices is not None else np.arange(len(self))
+        return Dataset(self.name, self.split, self.x[idx], self.y[idx], self.classes, prov, base[idx.numpy()])
 
     def loader(self, batch_size: int, shuffle: bool = False, seed: int = 0):
         gen = torch.Generator().manual_seed(seed)

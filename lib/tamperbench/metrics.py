@@ -3,7 +3,8 @@
 Computed with pytorch-ood's functional metrics (its convention: larger score = more likely
 OOD, labels < 0 mark the positives), and scikit-learn's ROC curve for TPR at a fixed FPR:
 
-- AUROC; FPR@95TPR (the false-positive rate when 95 % of tampered inputs are caught);
+- AUROC; FPR@95TPR (the false-positive rate when 95 % of tampered inputs are caught), and
+  FPR@80TPR, which the PARTICUL/CODE authors reported;
 - AUPR-In (clean as the positive class) and AUPR-Out (tampered as the positive class);
 - TPR@5FPR (the share of tampered inputs caught when 5 % of clean inputs are flagged);
 - a stratified bootstrap 95 % confidence interval for any of them.
@@ -16,7 +17,7 @@ import torch
 from pytorch_ood.metrics import functional as pf
 from sklearn.metrics import roc_curve
 
-METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out", "tpr_at_fpr5")
+METRICS = ("auroc", "fpr95", "fpr80", "aupr_in", "aupr_out", "tpr_at_fpr5")
 
 
 def _scores_labels(clean: np.ndarray, tampered: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,6 +44,7 @@ def detection_metrics(clean: np.ndarray, tampered: np.ndarray) -> dict[str, floa
     return {
         "auroc": float(pf.auroc(scores, labels)),
         "fpr95": float(pf.fpr_at_tpr(scores, labels, 0.95)),
+        "fpr80": float(pf.fpr_at_tpr(scores, labels, 0.80)),
         "aupr_in": float(pf.aupr(scores, labels, positive="id")),
         "aupr_out": float(pf.aupr(scores, labels, positive="ood")),
         "tpr_at_fpr5": tpr_at_fpr(np.asarray(clean), np.asarray(tampered), 0.05),

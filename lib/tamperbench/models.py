@@ -40,11 +40,15 @@ class SmallCNN(nn.Sequential):
 
     Named blocks: ``block1`` (32×14×14), ``block2`` (64×7×7), ``block3`` (128×7×7, the last
     convolutional map: PARTICUL's part detectors and subset scanning read it), ``pool``
-    (128×3×3), ``fc`` (256-d penultimate features) and ``logits``.
+    (128×3×3), ``fc`` (256-d penultimate features) and ``logits``. PARTICUL attaches by default
+    to ``block2``, as the authors did on LeNet's second block.
     """
 
     feature_layer = "block3"
     penultimate_layer = "fc"
+    conv_layers = ("block1", "block2", "block3")
+    # PARTICUL's published layer: the authors moved LeNet's detectors to its second block
+    particul_layer = "block2"
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28):
         side = image_size // 8
@@ -82,6 +86,8 @@ class ResNet18_32(nn.Sequential):
 
     feature_layer = "layer4"
     penultimate_layer = "pool"
+    conv_layers = ("layer1", "layer2", "layer3", "layer4")
+    particul_layer = "layer4"  # the authors' CIFAR-10 ResNet-18: the last block
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, image_size: int = 32):
         def stage(cin, cout, stride):

@@ -50,14 +50,25 @@ def heatmap(tidy: pd.DataFrame, index: str, columns: str, values: str, fmt: str 
     return fig
 
 
-def overlay_grid(images, heatmaps, row_labels=None, col_labels=None, size: float = 1.2, alpha: float = 0.55):
+def overlay_grid(images, heatmaps, row_labels=None, col_labels=None, size: float = 1.2, alpha: float = 0.55,
+                 scale: str = "per_map", annotations=None, colorbar_label: str | None = None):
     """Each row: an image, then each of its heat maps drawn over it (e.g. PARTICUL part maps).
 
-    ``images``: N×C×H×W; ``heatmaps``: N×P×H×W (each map scaled to its own range).
+    ``images``: N×C×H×W; ``heatmaps``: N×P×H×W. ``scale``:
+
+    - ``"calibrated"``: every map of the figure on one [0, 1] scale, values as given (PARTICUL's
+      calibrated maps): a weak map looks weak, and maps can be compared;
+    - ``"per_map"``: each map stretched to its own range (shows *where*, never *how strongly*).
+
+    ``annotations``: N×P texts printed on the maps (e.g. each part's confidence).
     """
+    if scale not in ("calibrated", "per_map"):
+        raise ValueError(f"unknown scale {scale!r}; valid scales: calibrated, per_map")
     images, heatmaps = np.asarray(images), np.asarray(heatmaps)
     n, p = heatmaps.shape[:2]
-    fig, axes = plt.subplots(n, p + 1, figsize=(size * (p + 1), size * n), squeeze=False)
+    fig, axes = plt.subplots(n, p + 1, figsize=(size * (p + 1) + (0.6 if scale == "calibrated" else 0), size * n),
+                             squeeze=False)
+    shown = None
     for i in range(n):
         img = images[i][0] if images[i].shape[0] == 1 else np.transpose(images[i], (1, 2, 0))
         for j in range(p + 1):
@@ -66,5 +77,13 @@ def overlay_grid(images, heatmaps, row_labels=None, col_labels=None, size: float
             ax.imshow(img, cmap="gray", vmin=0, vmax=1)
             if j:
                 m = heatmaps[i, j - 1]
-                ax.imshow((m - m.min()) / (np.ptp(m) + 1e-8), cmap="jet", alpha=alpha, vmin=0, vmax=1)
-    return _labelled(fig, axes, row_labels, col_labels)
+                if scale == "per_map":
+                    m = (m - m.min()) / (np.ptp(m) + 1e-8)
+                shown = ax.imshow(m, cmap="jet", alpha=alpha, vmin=0, vmax=1)
+                if annotations is not None:
+                    ax.text(0.04, 0.96, str(annotations[i][j - 1]), transform=ax.transAxes, ha="left", va="top",
+                            fontsize=7, color="white", bbox={"facecolor": "black", "alpha": 0.6, "pad": 1, "lw": 0})
+    fig = _labelled(fig, axes, row_labels, col_labels)
+    if scale == "calibrated" and shown is not None:
+        fig.colorbar(shown, ax=axes, fraction=0.03, pad=0.02, label=colorbar_label or "confidence")
+    return fig

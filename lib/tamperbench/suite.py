@@ -29,7 +29,7 @@ def attack_pool(trained: models.Trained, dataset: str, n: int, seed: int = 0, de
         raise ValueError(f"only {len(keep)} correctly classified test images, fewer than n_pool={n}")
     idx = torch.from_numpy(keep)
     prov = dict(test.provenance, pool="correct", pool_n=n, pool_seed=seed)
-    return data.Dataset(test.name, "test", test.x[idx], test.y[idx], test.classes, prov)
+    return data.Dataset(test.name, "test", test.x[idx], test.y[idx], test.classes, prov, keep)
 
 
 def norm_of(name: str, budget: dict) -> str:

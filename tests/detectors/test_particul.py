@@ -138,3 +138,101 @@ def test_bad_use_is_refused(fitted):
         detector("particul", layer="block9", epochs=1).fit(trained, data.load("fashion_mnist", "train"))
     with pytest.raises(DetectorError, match="num_parts must be an int"):
         detector("particul", num_parts=0)
+
+
+# ---- the authors' training protocol (issue 10)
+def test_detectors_start_xavier_normal():
+    torch.manual_seed(0)
+    dec = pt.ParticulDecision(num_classes=10, num_features=256, num_parts=8, head=torch.nn.Identity())
+    w = dec.prototypes.detach().flatten().numpy()
+    expected_std = np.sqrt(2.0 / (256 + 80))  # Xavier: fan_in = D, fan_out = C·P for a 1×1 convolution
+    assert abs(w.mean()) < 0.1 * expected_std
+    assert w.std() == pytest.approx(expected_std, rel=0.03)
+    kurtosis = ((w - w.mean()) ** 4).mean() / w.var() ** 2
+    assert kurtosis == pytest.approx(3.0, abs=0.2)  # normal (a uniform initialisation gives 1.8)
+
+
+def test_fit_and_validation_splits_are_disjoint_and_sized():
+    fit, val = pt.split_fit_validation(1000, None, 0.1, seed=0)
+    assert len(val) == 100 and len(fit) == 900 and not set(fit) & set(val)
+    fit, val = pt.split_fit_validation(60000, 900, 0.1, seed=3)
+    assert len(fit) == 900 and len(val) == 100 and not set(fit) & set(val)
+    assert not np.array_equal(pt.split_fit_validation(1000, None, 0.1, seed=1)[1], pt.split_fit_validation(1000, None, 0.1, seed=0)[1])
+    with pytest.raises(DetectorError, match="val_fraction"):
+        detector("particul", val_fraction=1.5)
+
+
+def test_the_best_validation_checkpoint_is_kept_and_calibrated(data_root, fake_debian_fmnist, monkeypatch):
+    trained = models.train_or_load("smallcnn", "fashion_mnist", models.TrainConfig(epochs=1, batch_size=32), "cpu")
+    train = data.load("fashion_mnist", "train")
+    scripted = iter([-0.1, -0.5, -0.3])  # validation losses: epoch 2 is the best, not the last
+    states = []
+
+    def fake_val(self, feats, y, batch=1024):
+        states.append(self.decision.prototypes.detach().clone())
+        return {"locality": 0.0, "unicity": 0.0, "clustering": 0.0, "total": next(scripted)}
+
+    monkeypatch.setattr(pt.Particul, "_mean_losses", fake_val)
+    det = detector("particul", epochs=3, train_batch_size=32, device="cpu").fit(trained, train)
+    assert det.best_epoch == 2 and [h["best_epoch"] for h in det.history] == [1, 2, 2]
+    assert torch.equal(det.decision.prototypes.detach(), states[1])
+    assert not torch.equal(det.decision.prototypes.detach(), states[2])
+    # calibration ran on that checkpoint: refitting the logistics on its fit-set maxima agrees
+    maxima = det.maxima(train.x[det.fit_indices])
+    y = train.y[det.fit_indices].numpy()
+    for c in (0, 3):
+        loc, scale = pt.fit_logistic(maxima[y == c, c, 0])
+        assert det.decision.calibration_loc[c, 0].item() == pytest.approx(loc, rel=1e-4, abs=1e-5)
+        assert det.decision.calibration_scale[c, 0].item() == pytest.approx(scale, rel=1e-4)
+
+
+def test_a_snapshot_is_what_a_shorter_training_gives(data_root, fake_debian_fmnist):
+    trained = models.train_or_load("smallcnn", "fashion_mnist", models.TrainConfig(epochs=1, batch_size=32), "cpu")
+    train = data.load("fashion_mnist", "train")
+    long = detector("particul", epochs=3, snapshot_epochs=[1, 2], train_batch_size=32, device="cpu").fit(trained, train)
+    short = detector("particul", epochs=2, train_batch_size=32, device="cpu").fit(trained, train)
+    snap = long.snapshot(2)
+    for name in ("prototypes", "calibration_loc", "calibration_scale"):
+        assert torch.allclose(getattr(snap.decision, name), getattr(short.decision, name), atol=1e-5), name
+    x = data.load("fashion_mnist", "test").x[:20]
+    assert np.allclose(snap.score(x), short.score(x), atol=1e-5)
+    with pytest.raises(DetectorError, match="snapshots: \\[1, 2\\]"):
+        long.snapshot(5)
+
+
+def test_calibrated_maps_share_one_scale_and_peak_at_the_part_confidence(fitted):
+    _, det, _ = fitted
+    x = data.load("fashion_mnist", "test").x[:4]
+    maps, pred = det.part_maps(x, upsample=False, calibrated=True)
+    assert ((maps >= 0) & (maps <= 1)).all()
+    peaks = maps.reshape(*maps.shape[:2], -1).max(-1)
+    assert np.allclose(peaks, det.part_confidences(x), atol=1e-6)
+    # the figure draws every map on that one [0, 1] scale, values untouched
+    from tamperbench import plots
+
+    up, _ = det.part_maps(x, calibrated=True)
+    fig = plots.overlay_grid(x.numpy(), up, scale="calibrated", annotations=np.round(peaks, 2))
+    overlays = [im for ax in fig.axes for im in ax.get_images() if im.get_cmap().name == "jet"]
+    assert len(overlays) == 4 * det.params["num_parts"]
+    assert all(im.get_clim() == (0, 1) for im in overlays)
+    assert any(np.allclose(im.get_array(), up[0, 0]) for im in overlays)
+    with pytest.raises(ValueError, match="valid scales"):
+        plots.overlay_grid(x.numpy(), up, scale="own")
+
+
+def test_reference_patches_agree_with_cabrnet_projection(fitted):
+    trained, det, _ = fitted
+    train = data.load("fashion_mnist", "train")
+    patches = det.reference_patches(train, k=2)
+    top = {(r["class"], r["part"]): r for r in patches if r["rank"] == 0}
+    assert len(top) == 10 * det.params["num_parts"]
+    fit = train.take(None)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(fit.x[det.fit_indices], fit.y[det.fit_indices]),
+                                         batch_size=64)
+    info = det.net.project(loader, device="cpu", update_prototypes=False)
+    for proto in info:
+        c, p = divmod(proto["proto_idx"], det.params["num_parts"])
+        assert det.fit_indices[proto["img_idx"]] == top[(c, p)]["index"]
+        assert (proto["h"], proto["w"]) == (top[(c, p)]["h"], top[(c, p)]["w"])
+        t, l, b, r = top[(c, p)]["box"]
+        assert 0 <= t < b <= 28 and 0 <= l < r <= 28 and (b - t) < 28  # a patch, not the whole image

@@ -19,11 +19,13 @@ from .lid import LID
 from .mahalanobis_adv import MahalanobisAdv
 from .ood import PytorchOOD
 from .particul import Particul
+from .particul_multi import ParticulMultiLayer
 from .subset_scan import SubsetScan
 
 #: name → factory of an unfitted detector
 DETECTORS = {
     "particul": Particul,
+    "particul_multi": ParticulMultiLayer,
     **{m: partial(PytorchOOD, m) for m in ood.NAMES},
     "subset_scan": SubsetScan,
     "feature_squeezing": FeatureSqueezing,
