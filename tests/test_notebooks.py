@@ -38,3 +38,23 @@ def test_book_builds_without_warnings(ci_site):
     for nb in config.list_notebooks():
         assert (html / f"{nb.stem}.html").exists()
     assert (html / "references.html").exists()
+
+
+@pytest.mark.slow
+def test_particul_chapters_report_the_grid_the_rule_and_both_configurations(ci_book):
+    res = paths.results_dir("ci", "03_particul")
+    selection = pd.read_csv(res / "selection.csv")
+    assert selection.chosen.sum() == 1 and selection.published.sum() == 1
+    assert list(selection.set.unique()) == ["fgsm (fit half)"]  # the rule saw one attack's fit half only
+    grid = pd.read_csv(res / "grid.csv")
+    assert set(grid["mode"]) == {"categorical", "argmax", "mean"}
+    assert set(grid.layer) == {"block1", "block2", "block3", "multi"} and set(grid.num_parts) == {4, 8}
+    assert {"fpr95", "fpr80"} <= set(grid.columns)
+    ood = grid[grid.set.str.startswith("ood:")]
+    n_selection = pd.read_csv(res / "selection.csv").n_reference.iloc[0]
+    assert (ood.n_reference == 10000 - n_selection).all()  # the whole test split, less what the rule saw
+    fits = pd.read_csv(res / "fits.csv")
+    assert (fits.best_epoch >= 1).all() and (fits.best_epoch <= fits.epochs).all()
+    detection = pd.read_csv(paths.results_dir("ci", "04_detection") / "detection.csv")
+    assert {"particul", "particul_published"} <= set(detection.detector)
+    assert "fpr80" in detection.columns

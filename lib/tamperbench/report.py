@@ -63,7 +63,15 @@ class _Plain:
         self.text = text
 
     def __repr__(self) -> str:
-        return self.text
+        # myst-nb literal-evaluates the plain text: "54,000" would become the tuple (54, 0).
+        # Such a string keeps its quotes, which that evaluation then removes.
+        from ast import literal_eval
+
+        try:
+            literal_eval(self.text)
+        except (SyntaxError, ValueError):
+            return self.text
+        return repr(self.text)
 
 
 def glue(name: str, value: Any) -> None:
