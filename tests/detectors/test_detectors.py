@@ -122,7 +122,7 @@ def test_subset_scan_agrees_with_art(setup):
 
 def test_registry_and_interface_errors(setup):
     trained, train, test = setup
-    with pytest.raises(DetectorError, match="unknown detector 'mahalanobis'; valid detectors: particul, msp"):
+    with pytest.raises(DetectorError, match="unknown detector 'mahalanobis'; valid detectors: particul, particul_multi, msp"):
         detector("mahalanobis")
     with pytest.raises(DetectorError, match="before score"):
         detector("msp").score(test.x)
