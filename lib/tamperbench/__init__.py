@@ -12,6 +12,8 @@ The package is deliberately thin. Notebooks call it; each module does one job:
 - :mod:`tamperbench.suite`      the study's attack suite: pool, runs, summaries;
 - :mod:`tamperbench.tampering`  tampered datasets built from attack records;
 - :mod:`tamperbench.detectors`  one module per detector, PARTICUL on CaBRNet first;
+- :mod:`tamperbench.particul_search`  PARTICUL's grid (layer, parts, aggregation) and the rule
+  that picks the study's default configuration;
 - :mod:`tamperbench.metrics`    detection metrics with bootstrap intervals;
 - :mod:`tamperbench.benchmark`  the per-sample detection benchmark, cached scores;
 - :mod:`tamperbench.plots`      figures several chapters draw;

@@ -293,7 +293,7 @@ def _check_shared(block: Any, where: str, require_all: bool) -> dict:
             search = check_search(block["particul_search"])
         except DetectorError as exc:
             raise ConfigError(f"{where}.particul_search: {exc}") from exc
-        if isinstance(block.get("attack_suite"), dict) and search["selection_attack"] not in block["attack_suite"]:
+        if isinstance(block.get("attack_suite"), dict) and block["attack_suite"] and search["selection_attack"] not in block["attack_suite"]:
             raise ConfigError(f"{where}.particul_search.selection_attack {search['selection_attack']!r} is not in the "
                               f"attack suite; valid: {', '.join(block['attack_suite'])}")
     if require_all:
