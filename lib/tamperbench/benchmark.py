@@ -130,20 +130,24 @@ def run_supervised(name: str, params: dict, trained: models.Trained, train: data
 
 def subset_scan_layers(trained: models.Trained, train: data.Dataset, pool: data.Dataset,
                        records: dict[str, AttackRecord], layers: list[str], attacks: list[str],
-                       seed: int, n_background: int = 1000, device: str = "auto") -> pd.DataFrame:
-    """AUROC of per-image subset scanning at each layer, per attack (the seed's table)."""
+                       seed: int, n_background: int = 1000, device: str = "auto",
+                       tails: tuple[str, ...] = ("upper", "two")) -> pd.DataFrame:
+    """AUROC of per-image subset scanning at each layer, per attack and per p-value tail (the
+    seed paper's table, with the two-tailed scan beside the authors' one-tailed one)."""
     rows = []
     for layer in layers:
-        params = {"layer": layer, "n_background": n_background, "seed": seed}
-        det = detectors.detector("subset_scan", device=device, **params).fit(trained, train)
-        key = detector_key("subset_scan", params, trained)
-        clean_all = cached_scores(det, key, pool.x)
-        for attack in attacks:
-            if attack not in records:
-                continue
-            _, ev = split_halves(records[attack], seed)
-            if len(ev) < 2:
-                continue
-            adv = cached_scores(det, key, records[attack].x_adv[ev])
-            rows.append({"layer": layer, "attack": attack, "auroc": metrics.detection_metrics(clean_all[ev], adv)["auroc"]})
+        for tail in tails:
+            params = {"layer": layer, "n_background": n_background, "seed": seed, "tails": tail}
+            det = detectors.detector("subset_scan", device=device, **params).fit(trained, train)
+            key = detector_key("subset_scan", params, trained)
+            clean_all = cached_scores(det, key, pool.x)
+            for attack in attacks:
+                if attack not in records:
+                    continue
+                _, ev = split_halves(records[attack], seed)
+                if len(ev) < 2:
+                    continue
+                adv = cached_scores(det, key, records[attack].x_adv[ev])
+                rows.append({"layer": layer, "tails": tail, "attack": attack,
+                             "auroc": metrics.detection_metrics(clean_all[ev], adv)["auroc"]})
     return pd.DataFrame(rows)

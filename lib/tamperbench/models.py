@@ -73,9 +73,10 @@ class BasicBlock(nn.Module):
             if stride != 1 or cin != cout
             else nn.Identity()
         )
+        self.out = nn.ReLU()  # a module, not F.relu: guided backpropagation hooks ReLU modules
 
     def forward(self, x):
-        return F.relu(self.body(x) + self.shortcut(x))
+        return self.out(self.body(x) + self.shortcut(x))
 
 
 class ResNet18_32(nn.Sequential):

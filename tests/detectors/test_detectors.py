@@ -78,7 +78,7 @@ def test_every_unsupervised_detector_separates_noise_and_not_identical_sets(setu
 
 def test_feature_squeezing_ignores_what_squeezing_leaves_unchanged(setup):
     trained, train, test = setup
-    det = detector("feature_squeezing", device="cpu").fit(trained, train)
+    det = detector("feature_squeezing", bit_depth=1, median_window=2, device="cpu").fit(trained, train)
     binary_flat = torch.cat([torch.zeros(2, 1, 28, 28), torch.ones(2, 1, 28, 28)])
     assert np.allclose(det.score(binary_flat), 0.0)  # 1-bit depth and the median change nothing
     assert (det.score(test.x[:20] * 0.5 + 0.25) >= 0).all()
@@ -87,7 +87,8 @@ def test_feature_squeezing_ignores_what_squeezing_leaves_unchanged(setup):
 @pytest.mark.parametrize("name", ["lid", "kd_bu", "mahalanobis_adv"])
 def test_supervised_detectors_learn_from_examples(setup, name):
     trained, train, test = setup
-    shifted = (test.x + 0.3 * torch.rand(test.x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    shifted = test.x.clone()
+    shifted[:, :, 2:12, 2:12] = 1.0  # a structured change, unlike the Gaussian noise of the noisy negatives
     det = detector(name, device="cpu").fit(trained, train, x_clean=test.x[:50], x_adv=shifted[:50])
     assert det.supervised
     m = metrics.detection_metrics(det.score(test.x[50:]), det.score(shifted[50:]))
@@ -135,3 +136,142 @@ def test_registry_and_interface_errors(setup):
         detector("ebo", device="cpu").fit(trained, train.take(0))
     with pytest.raises(DetectorError, match="feature_squeezing: bit_depth"):
         detector("feature_squeezing", bit_depth=0)
+
+
+# ---------------------------------------------------------------- issue 11: as the authors ran them
+def _entropy_bits(values) -> float:
+    _, counts = np.unique(np.asarray(values), return_counts=True)
+    p = counts / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def test_feature_response_entropy_matches_hand_computed_patches():
+    grey = np.array([[0, 0, 255, 7],
+                     [0, 128, 255, 7],
+                     [9, 9, 9, 7]], dtype=np.uint8)
+    # every pixel's 3×3 patch, cut at the border (pixels outside the image are not counted)
+    expected = np.mean([_entropy_bits(grey[max(i - 1, 0) : i + 2, max(j - 1, 0) : j + 2])
+                        for i in range(grey.shape[0]) for j in range(grey.shape[1])])
+    assert fr.mean_local_entropy(grey[None]) == pytest.approx([expected], abs=1e-6)
+    # the centre patch holds 9 pixels of 5 levels: 0,0,255 / 0,128,255 / 9,9,9
+    # the centre patch holds 0 ×3, 255 ×2, 128 ×1, 9 ×3 (the reference helper, checked by hand)
+    centre = _entropy_bits([0, 0, 255, 0, 128, 255, 9, 9, 9])
+    assert centre == pytest.approx(-(2 * (1 / 3) * np.log2(1 / 3) + (2 / 9) * np.log2(2 / 9) + (1 / 9) * np.log2(1 / 9)))
+    assert fr.mean_local_entropy(np.zeros((1, 5, 5), np.uint8)) == pytest.approx([0.0])
+
+
+def test_feature_response_maps_the_signed_response_to_8_bit_grey():
+    r = torch.tensor([[[0.0, 1.0, -1.0, 5.0, -5.0, 20.0]]])
+    r = (r - r.mean()) / r.std()  # already standard: the mapping reads ±5 σ as 0 and 255
+    grey = fr.grey_levels(r)
+    z = r.double().numpy()
+    assert grey.dtype == np.uint8
+    assert np.array_equal(grey, np.round(255 * np.clip(0.5 + 0.1 * z, 0, 1)).astype(np.uint8))
+    assert grey[0, 0, 2] < grey[0, 0, 0] < grey[0, 0, 1]  # the sign is kept: −1 < 0 < 1 survive in order
+    spike = torch.zeros(1, 10, 10)
+    spike[0, 0, 0] = 100.0  # ≈ 10 standard deviations: beyond +5 σ, white
+    assert fr.grey_levels(spike)[0, 0, 0] == 255 and fr.grey_levels(-spike)[0, 0, 0] == 0
+    assert np.array_equal(fr.grey_levels(torch.ones(1, 3, 3)), np.full((1, 3, 3), 128, np.uint8))  # flat → mid-grey
+
+
+def test_guided_backprop_refuses_functional_relus(setup):
+    trained, train, _ = setup
+    import copy
+
+    class FunctionalBlock(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return torch.nn.functional.relu(self.inner(x))
+
+    tampered = copy.deepcopy(trained)
+    tampered.model.block2 = FunctionalBlock(tampered.model.block2)
+    with pytest.raises(DetectorError, match="applies ReLU as a function.*nn.ReLU modules"):
+        detector("feature_response", device="cpu").fit(tampered, train)
+    assert fr.functional_relus(trained.model) == []
+    resnet = models.ResNet18_32(in_channels=1, num_classes=10, image_size=28)
+    assert fr.functional_relus(resnet) == []  # its blocks now use ReLU modules
+    assert sum(isinstance(m, torch.nn.ReLU) for m in resnet.modules()) == 17
+    resnet.load_state_dict(models.ResNet18_32(in_channels=1, num_classes=10, image_size=28).state_dict())  # same keys
+
+
+def test_two_tailed_pvalues_count_both_tails():
+    bg = np.array([[1.0], [2.0], [3.0], [4.0]])  # M = 4 at one node
+    act = np.array([[0.5], [2.5], [5.0], [4.0]])
+    upper = ss.empirical_pvalues(bg, act, "upper")[:, 0]
+    two = ss.empirical_pvalues(bg, act, "two")[:, 0]
+    assert upper == pytest.approx([5 / 5, 3 / 5, 1 / 5, 2 / 5])
+    # lower tail (1 + #{b ≤ a}) / 5: 1/5, 3/5, 5/5, 5/5; two-tailed = min(1, 2·min)
+    assert two == pytest.approx([2 / 5, 1.0, 2 / 5, 4 / 5])
+    with pytest.raises(DetectorError, match="valid: upper, two"):
+        ss.empirical_pvalues(bg, act, "lower")
+
+
+def test_squeezer_selection_picks_the_best_set_on_the_data_it_is_given(setup):
+    trained, _, test = setup
+    from tamperbench.detectors import feature_squeezing as fs
+
+    clean = test.x[:40].numpy()
+    rng = np.random.default_rng(0)
+    adv = np.clip(clean + rng.choice([-0.15, 0.15], clean.shape), 0, 1).astype(np.float32)  # salt-and-pepper-like
+    chosen, rows = fs.select_squeezers(trained, clean, adv, "cpu", bit_depths=(1, 3, 5), median_windows=(2, 3))
+    assert len(rows) == 3 + 2 + 3 * 2  # singles and pairs
+    best = max(r["auroc"] for r in rows)
+    picked = [r for r in rows if r["chosen"]]
+    assert len(picked) == 1 and picked[0]["auroc"] == best
+    assert chosen == {"bit_depth": picked[0]["bit_depth"], "median_window": picked[0]["median_window"]}
+    # a pair's score is the joint detector's: the maximum of its squeezers' distances
+    det = detector("feature_squeezing", device="cpu", bit_depth=3, median_window=2).fit(trained, data.load("fashion_mnist", "train"))
+    singles = det.single_scores(torch.from_numpy(adv[:10]))
+    assert set(singles) == {"bit_depth=3", "median_window=2"}
+    assert np.allclose(det.score(torch.from_numpy(adv[:10])), np.max(list(singles.values()), axis=0))
+    pair = next(r for r in rows if r["bit_depth"] == 3 and r["median_window"] == 2)
+    joint = metrics.detection_metrics(det.score(torch.from_numpy(clean)), det.score(torch.from_numpy(adv)))["auroc"]
+    assert pair["auroc"] == pytest.approx(joint)
+    with pytest.raises(DetectorError, match="enable at least one"):
+        detector("feature_squeezing", bit_depth=None, median_window=None)
+    with pytest.raises(DetectorError, match="window-patch-strength"):
+        detector("feature_squeezing", nl_means="13x3")
+
+
+def test_noisy_negatives_match_the_perturbation_norm():
+    from tamperbench.detectors.base import noisy_copies
+
+    clean = np.full((5, 1, 8, 8), 0.5, np.float32)
+    adv = clean.copy()
+    adv[:, :, 0, :3] += np.array([0.1, 0.2, 0.3, 0.05, 0.0])[:, None, None]  # L2 norms differ per image
+    noisy = noisy_copies(clean, adv, seed=0)
+    want = np.linalg.norm((adv - clean).reshape(5, -1), axis=1)
+    got = np.linalg.norm((noisy - clean).reshape(5, -1), axis=1)
+    assert got == pytest.approx(want, abs=1e-5)  # no clipping at these sizes
+    assert np.array_equal(noisy, noisy_copies(clean, adv, seed=0))
+
+
+def test_kd_bandwidth_is_chosen_on_held_out_clean_data():
+    from tamperbench.detectors import kd_bu
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(900, 2))
+    y = np.zeros(900, int)
+    best, scores = kd_bu.choose_bandwidth(z[:600], y[:600], z[600:], y[600:])
+    assert scores[best] == max(scores.values())
+    assert best in (0.2, 0.5)  # near Silverman's rule for 600 points of a unit Gaussian (≈ 0.29)
+
+
+@pytest.mark.parametrize("name", ["kd_bu", "lid", "mahalanobis_adv", "particul", "feature_response", "subset_scan"])
+def test_fitting_and_scoring_leave_the_global_random_state_alone(setup, name):
+    trained, train, test = setup
+    torch.manual_seed(123)
+    np.random.seed(123)
+    torch_state, np_state = torch.get_rng_state(), np.random.get_state()[1].copy()
+    params = {"particul": {"epochs": 1}, "subset_scan": {"n_background": 100}}.get(name, {})
+    det = detector(name, device="cpu", **params)
+    if det.supervised:
+        det.fit(trained, train, x_clean=test.x[:30], x_adv=test.x[30:60].flip(-1))
+    else:
+        det.fit(trained, train)
+    det.score(test.x[:20])
+    assert torch.equal(torch.get_rng_state(), torch_state), name
+    assert np.array_equal(np.random.get_state()[1], np_state), name

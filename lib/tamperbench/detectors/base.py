@@ -102,15 +102,33 @@ def layer_outputs(model: torch.nn.Module, x: torch.Tensor, layers: list[str], de
     return {layer: torch.cat(v) for layer, v in out.items()}
 
 
+def noisy_copies(x_clean: np.ndarray, x_adv: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Each clean image plus Gaussian noise of the same L2 norm as its adversarial perturbation,
+    clipped to [0, 1]: the papers' "noisy" negatives (Feinman et al. 2017; Ma et al. 2018)."""
+    x_clean, x_adv = np.asarray(x_clean, dtype=np.float32), np.asarray(x_adv, dtype=np.float32)
+    noise = np.random.default_rng(seed).standard_normal(x_clean.shape).astype(np.float32)
+    flat = lambda a: a.reshape(len(a), -1)  # noqa: E731
+    scale = np.linalg.norm(flat(x_adv - x_clean), axis=1) / np.maximum(np.linalg.norm(flat(noise), axis=1), 1e-12)
+    return np.clip(x_clean + noise * scale.reshape(-1, *([1] * (x_clean.ndim - 1))), 0.0, 1.0)
+
+
 class SupervisedDetector(Detector):
     """A detector whose final stage is a logistic regression on clean vs adversarial examples.
 
     ``fit(trained, clean_train, x_clean=…, x_adv=…)``: the features are built from the clean
     training data, the regression from the given clean/adversarial pairs (an attack split kept
-    apart from the evaluation).
+    apart from the evaluation). As in the papers, the negatives are the clean images *and* noisy
+    copies of them (Gaussian noise of the adversarial perturbation's L2 norm), so that the
+    regression learns "adversarial", not merely "perturbed" (``noisy_negatives=False`` drops them).
     """
 
     supervised = True
+
+    def __init__(self, noisy_negatives: bool = True, **kw):
+        super().__init__(**kw)
+        if not isinstance(noisy_negatives, bool):
+            raise DetectorError(f"{self.name}: noisy_negatives must be true or false, got {noisy_negatives!r}")
+        self.noisy_negatives = noisy_negatives
 
     def _features(self, x: torch.Tensor) -> np.ndarray:
         raise NotImplementedError
@@ -127,8 +145,12 @@ class SupervisedDetector(Detector):
             raise DetectorError(f"{self.name} is supervised: fit(trained, clean_train, x_clean=..., x_adv=...) needs adversarial examples")
         self.trained = trained  # the feature functions below need the model
         self._fit_unsupervised(trained, clean_train)
-        feats = np.concatenate([self._features(torch.as_tensor(x_clean)), self._features(torch.as_tensor(x_adv))])
-        labels = np.r_[np.zeros(len(x_clean)), np.ones(len(x_adv))]
+        negatives = [np.asarray(x_clean)]
+        if self.noisy_negatives:
+            negatives.append(noisy_copies(x_clean, x_adv, self.seed))
+        x_neg = np.concatenate(negatives)
+        feats = np.concatenate([self._features(torch.as_tensor(x_neg)), self._features(torch.as_tensor(x_adv))])
+        labels = np.r_[np.zeros(len(x_neg)), np.ones(len(x_adv))]
         self.regression = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(feats, labels)
 
     def _score(self, x: torch.Tensor) -> np.ndarray:

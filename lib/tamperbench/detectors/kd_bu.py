@@ -5,8 +5,15 @@ r"""Kernel density and Bayesian uncertainty (Feinman et al. 2017). Supervised.
 - **BU**: the predictive variance under Monte-Carlo dropout (T stochastic passes):
   :math:`\frac1T\sum_t \lVert p_t\rVert^2 - \lVert\frac1T\sum_t p_t\rVert^2`.
 
-A logistic regression on (log KD, BU) separates clean from adversarial examples. (The paper
-also adds noisy inputs of matched norm as negatives; here the negatives are clean inputs.)
+A logistic regression on (log KD, BU) separates clean and noisy inputs (Gaussian noise of the
+adversarial perturbation's norm, as in the paper) from adversarial examples.
+
+**Bandwidth.** The paper set one per dataset. Here ``bandwidth=None`` chooses it on clean data
+only: among ``BANDWIDTHS``, the one that maximises the log-likelihood of held-out clean training
+features under the class-conditional densities (predicted class = true class on clean data).
+
+Monte-Carlo dropout draws from its own seeded random state: scoring leaves ``torch``'s global
+random state as it found it.
 """
 
 from __future__ import annotations
@@ -19,23 +26,48 @@ from .. import data, models
 from .base import DetectorError, SupervisedDetector, layer_outputs
 
 
+#: candidate bandwidths for the held-out choice (features are post-ReLU penultimate activations)
+BANDWIDTHS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+def choose_bandwidth(z_fit: np.ndarray, y_fit: np.ndarray, z_held: np.ndarray, y_held: np.ndarray,
+                     candidates=BANDWIDTHS) -> tuple[float, dict[float, float]]:
+    """The bandwidth maximising the mean held-out log-likelihood of class-conditional KDEs."""
+    scores = {}
+    for bw in candidates:
+        total = 0.0
+        for c in np.unique(y_held):
+            if (y_fit == c).any():
+                total += KernelDensity(bandwidth=bw).fit(z_fit[y_fit == c]).score(z_held[y_held == c])
+        scores[float(bw)] = total / len(z_held)
+    return max(scores, key=scores.get), scores
+
+
 class KDBU(SupervisedDetector):
     name = "kd_bu"
 
-    def __init__(self, bandwidth: float = 1.0, mc_samples: int = 20, n_density: int = 2000, seed: int = 0, **kw):
+    def __init__(self, bandwidth: float | None = None, mc_samples: int = 20, n_density: int = 2000, seed: int = 0, **kw):
         super().__init__(**kw)
         if mc_samples < 2:
             raise DetectorError(f"kd_bu: mc_samples must be ≥ 2, got {mc_samples}")
+        if bandwidth is not None and (not isinstance(bandwidth, (int, float)) or bandwidth <= 0):
+            raise DetectorError(f"kd_bu: bandwidth must be a positive number or None (chosen on held-out data), got {bandwidth!r}")
         self.bandwidth, self.mc_samples, self.n_density, self.seed = bandwidth, mc_samples, n_density, seed
+        self.bandwidth_scores: dict[float, float] = {}
 
     def _fit_unsupervised(self, trained: models.Trained, clean_train: data.Dataset) -> None:
         model = trained.model
         if not any(isinstance(m, torch.nn.Dropout) for m in model.modules()):
             raise DetectorError("kd_bu needs a classifier with dropout layers (for Bayesian uncertainty)")
         self.layer = model.penultimate_layer
-        train = clean_train.take(self.n_density, self.seed)
-        z = layer_outputs(model, train.x, [self.layer], self.device)[self.layer].numpy()
-        self.kdes = {int(c): KernelDensity(bandwidth=self.bandwidth).fit(z[train.y.numpy() == c]) for c in train.y.unique()}
+        both = clean_train.take(self.n_density * 3 // 2, self.seed)  # density images, then a held-out third
+        z_all = layer_outputs(model, both.x, [self.layer], self.device)[self.layer].numpy()
+        y_all = both.y.numpy()
+        n_fit = min(self.n_density, len(both) - max(1, len(both) // 3))
+        z, y = z_all[:n_fit], y_all[:n_fit]
+        if self.bandwidth is None:
+            self.bandwidth, self.bandwidth_scores = choose_bandwidth(z, y, z_all[n_fit:], y_all[n_fit:])
+        self.kdes = {int(c): KernelDensity(bandwidth=self.bandwidth).fit(z[y == c]) for c in np.unique(y)}
 
     def _features(self, x: torch.Tensor) -> np.ndarray:
         model = self.trained.model
@@ -48,16 +80,18 @@ class KDBU(SupervisedDetector):
             if sel.any():
                 log_kd[sel] = kde.score_samples(z[sel])
         log_kd[~np.isin(pred, list(self.kdes))] = -1e6
-        # MC dropout: dropout on, BatchNorm kept in eval mode
-        torch.manual_seed(self.seed)
+        # MC dropout: dropout on, BatchNorm kept in eval mode, on a forked (then restored) RNG
         dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
-        for m in dropouts:
-            m.train()
-        try:
-            with torch.no_grad():
-                probs = torch.stack([model(x.to(self.device)).softmax(1) for _ in range(self.mc_samples)]).cpu()
-        finally:
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(self.seed)
             for m in dropouts:
-                m.eval()
+                m.train()
+            try:
+                with torch.no_grad():
+                    probs = torch.stack([model(x.to(self.device)).softmax(1) for _ in range(self.mc_samples)]).cpu()
+            finally:
+                for m in dropouts:
+                    m.eval()
         bu = (probs ** 2).sum(-1).mean(0) - (probs.mean(0) ** 2).sum(-1)
         return np.stack([log_kd, bu.numpy()], axis=1)

@@ -323,8 +323,9 @@ class Particul(Detector):
         self.params["layer"] = key["layer"]
         p = self.params
         self.fit_indices, self.val_indices = split_fit_validation(len(clean_train), p["n_fit"], p["val_fraction"], p["seed"])
-        torch.manual_seed(p["seed"])
-        self.net = build_cabrnet(trained, p["layer"], p["num_parts"]).to(self.device)
+        with torch.random.fork_rng(devices=[]):  # the detectors' initialisation leaves the global RNG alone
+            torch.manual_seed(p["seed"])
+            self.net = build_cabrnet(trained, p["layer"], p["num_parts"]).to(self.device)
         hit = cache.load("detector", key)
         if hit is not None:
             self.decision.load_state_dict(hit["decision"])

@@ -3,8 +3,12 @@ r"""Subset scanning of activations (Speakman et al. 2018; Cintas et al., IJCAI 2
 For a layer of the frozen classifier with :math:`J` nodes (C×H×W of a feature map):
 
 1. **Empirical p-values.** Against background activations :math:`b_{1..M,j}` of clean data,
-   :math:`p_j(a) = (1 + \#\{m: b_{m,j} \ge a_j\}) / (M + 1)` — one-sided (large activations
-   are anomalous) and never 0 (the conformal +1).
+   :math:`p^+_j(a) = (1 + \#\{m: b_{m,j} \ge a_j\}) / (M + 1)`: one-sided (large activations
+   are anomalous, the authors' default) and never 0 (the conformal +1). ``tails="two"`` also
+   counts unusually *small* activations,
+   :math:`p_j = \min(1, 2\min(p^+_j, p^-_j))` with
+   :math:`p^-_j(a) = (1 + \#\{m: b_{m,j} \le a_j\}) / (M + 1)`: after a ReLU, an attack that
+   switches features off shows up only in the lower tail.
 2. **Scan statistic.** :math:`F(S) = \max_{\alpha \le \alpha_{max}} \phi(\alpha, N_\alpha(S), N(S))`
    with :math:`N_\alpha` the p-values ≤ α in the subset S of nodes:
 
@@ -34,8 +38,14 @@ from .base import Detector, DetectorError, split
 SCORING = ("berk_jones", "higher_criticism", "kolmogorov_smirnov")
 
 
-def empirical_pvalues(background: np.ndarray, activations: np.ndarray) -> np.ndarray:
-    """Conformal one-sided p-values of ``activations`` (N×J) against ``background`` (M×J)."""
+TAILS = ("upper", "two")
+
+
+def empirical_pvalues(background: np.ndarray, activations: np.ndarray, tails: str = "upper") -> np.ndarray:
+    """Conformal p-values of ``activations`` (N×J) against ``background`` (M×J): upper-tail, or
+    two-tailed (twice the smaller tail, capped at 1)."""
+    if tails not in TAILS:
+        raise DetectorError(f"unknown tails {tails!r}; valid: {', '.join(TAILS)}")
     m, j = background.shape
     bg = np.sort(background.astype(np.float64), axis=0)  # per node, ascending
     # One searchsorted for all nodes: shift node k's values by k·span so that the nodes occupy
@@ -44,9 +54,15 @@ def empirical_pvalues(background: np.ndarray, activations: np.ndarray) -> np.nda
     span = max(bg.max(), activations.max()) - lo + 1.0
     offsets = np.arange(j) * span
     flat_bg = (bg - lo + offsets).T.ravel()
-    below = np.searchsorted(flat_bg, (activations - lo + offsets).ravel(), side="left").reshape(activations.shape)
-    below -= np.arange(j) * m  # positions are counted from the start of each node's block
-    return (1.0 + (m - below)) / (m + 1.0)
+    shifted = (activations - lo + offsets).ravel()
+    block_start = np.arange(j) * m  # positions are counted from the start of each node's block
+    below = np.searchsorted(flat_bg, shifted, side="left").reshape(activations.shape) - block_start
+    upper = (1.0 + (m - below)) / (m + 1.0)
+    if tails == "upper":
+        return upper
+    at_most = np.searchsorted(flat_bg, shifted, side="right").reshape(activations.shape) - block_start  # #{b ≤ a}
+    lower = (1.0 + at_most) / (m + 1.0)
+    return np.minimum(1.0, 2.0 * np.minimum(upper, lower))
 
 
 def scan_statistic(pvalues: np.ndarray, scoring: str = "berk_jones", alpha_max: float = 0.5) -> np.ndarray:
@@ -74,10 +90,13 @@ class SubsetScan(Detector):
     name = "subset_scan"
 
     def __init__(self, layer: str | None = None, scoring: str = "berk_jones", alpha_max: float = 0.5,
-                 n_background: int = 1000, seed: int = 0, **kw):
+                 n_background: int = 1000, tails: str = "upper", seed: int = 0, **kw):
         super().__init__(**kw)
         if scoring not in SCORING:
             raise DetectorError(f"unknown scoring function {scoring!r}; valid: {', '.join(SCORING)}")
+        if tails not in TAILS:
+            raise DetectorError(f"subset_scan: unknown tails {tails!r}; valid: {', '.join(TAILS)}")
+        self.tails = tails
         if not 0 < alpha_max < 1:
             raise DetectorError(f"alpha_max must lie in (0, 1), got {alpha_max}")
         self.layer, self.scoring, self.alpha_max = layer, scoring, alpha_max
@@ -94,4 +113,5 @@ class SubsetScan(Detector):
         self.background = self._activations(clean_train.take(self.n_background, self.seed).x)
 
     def _score(self, x: torch.Tensor) -> np.ndarray:
-        return scan_statistic(empirical_pvalues(self.background, self._activations(x)), self.scoring, self.alpha_max)
+        return scan_statistic(empirical_pvalues(self.background, self._activations(x), self.tails), self.scoring,
+                              self.alpha_max)
