@@ -76,29 +76,35 @@ def split(model: torch.nn.Sequential, layer: str) -> tuple[torch.nn.Sequential, 
     return torch.nn.Sequential(OrderedDict(children[:i])), torch.nn.Sequential(OrderedDict(children[i:]))
 
 
-def layer_outputs(model: torch.nn.Module, x: torch.Tensor, layers: list[str], device, pool: bool = False,
-                  batch_size: int = 512) -> dict[str, torch.Tensor]:
-    """Outputs of the named blocks ``layers`` for ``x`` (N×D each: flattened, or spatially
-    averaged when ``pool``), read with forward hooks in one pass per batch."""
+def hooked_batches(model: torch.nn.Module, x: torch.Tensor, layers, device, batch_size: int = 512):
+    """Yield ``({layer: block output}, logits)`` for each batch of ``x``: one forward pass reads
+    every named block in ``layers`` through forward hooks (removed when the loop ends)."""
+    layers = list(layers)
     names = [n for n, _ in model.named_children()]
     for layer in layers:
         if layer not in names:
             raise DetectorError(f"unknown layer {layer!r}; valid layers: {', '.join(names)}")
-    out: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
     current: dict[str, torch.Tensor] = {}
     hooks = [model.get_submodule(layer).register_forward_hook(lambda m, i, o, name=layer: current.__setitem__(name, o))
              for layer in layers]
     try:
         with torch.no_grad():
             for i in range(0, len(x), batch_size):
-                model(x[i : i + batch_size].to(device))
-                for layer in layers:
-                    o = current[layer]
-                    o = o.mean((-2, -1)) if pool and o.dim() == 4 else o.flatten(1)
-                    out[layer].append(o.cpu())
+                logits = model(torch.as_tensor(x[i : i + batch_size]).float().to(device))
+                yield {layer: current[layer] for layer in layers}, logits
     finally:
         for h in hooks:
             h.remove()
+
+
+def layer_outputs(model: torch.nn.Module, x: torch.Tensor, layers: list[str], device, pool: bool = False,
+                  batch_size: int = 512) -> dict[str, torch.Tensor]:
+    """Outputs of the named blocks ``layers`` for ``x`` (N×D each: flattened, or spatially
+    averaged when ``pool``), on the CPU."""
+    out: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
+    for outputs, _ in hooked_batches(model, x, layers, device, batch_size):
+        for layer, o in outputs.items():
+            out[layer].append((o.mean((-2, -1)) if pool and o.dim() == 4 else o.flatten(1)).cpu())
     return {layer: torch.cat(v) for layer, v in out.items()}
 
 

@@ -50,7 +50,7 @@ from cabrnet.core.utils.similarities import SimilarityLayer
 
 from .. import atomic, cache, data, models
 from ..attacks import model_digest
-from .base import Detector, DetectorError, split
+from .base import Detector, DetectorError, hooked_batches, split
 
 MODES = ("categorical", "argmax", "mean")
 VERSION = 3  # 2: Xavier-normal initialisation, best-validation checkpoint, snapshots; 3: faster losses
@@ -110,6 +110,15 @@ def image_confidence(class_conf: torch.Tensor, logits: torch.Tensor, mode: str =
     if mode == "mean":
         return class_conf.mean(1)
     raise DetectorError(f"unknown PARTICUL mode {mode!r}; valid modes: {', '.join(MODES)}")
+
+
+def confidence_in_mode(det: Detector, x, mode: str | None) -> np.ndarray:
+    """1 − ``det``'s score of ``x`` with its aggregation ``mode`` set for this call only."""
+    saved, det.mode = det.mode, mode or det.mode
+    try:
+        return 1.0 - det.score(x)
+    finally:
+        det.mode = saved
 
 
 # --------------------------------------------------------------------------- CaBRNet model
@@ -222,26 +231,13 @@ def receptive_box(extractor: nn.Module, input_shape: tuple, h: int, w: int, devi
 
 
 def backbone_outputs(model: nn.Module, x: torch.Tensor, layers, device, batch_size: int = 512):
-    """(``{layer: N×D×H×W}`` block outputs, N×C logits) of ``model`` on ``x``, in one pass."""
-    layers = list(layers)
-    names = [n for n, _ in model.named_children()]
-    for layer in layers:
-        if layer not in names:
-            raise DetectorError(f"unknown layer {layer!r}; valid layers: {', '.join(names)}")
-    current: dict[str, torch.Tensor] = {}
-    hooks = [model.get_submodule(layer).register_forward_hook(lambda m, i, o, name=layer: current.__setitem__(name, o))
-             for layer in layers]
+    """(``{layer: N×D×H×W}`` block outputs, N×C logits) of ``model`` on ``x``, in one pass, on ``device``."""
     out: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
     logits = []
-    try:
-        with torch.no_grad():
-            for i in range(0, len(x), batch_size):
-                logits.append(model(torch.as_tensor(x[i : i + batch_size]).float().to(device)))
-                for layer in layers:
-                    out[layer].append(current[layer])
-    finally:
-        for h in hooks:
-            h.remove()
+    for outputs, batch_logits in hooked_batches(model, x, layers, device, batch_size):
+        logits.append(batch_logits)
+        for layer, o in outputs.items():
+            out[layer].append(o)
     return {layer: torch.cat(v) for layer, v in out.items()}, torch.cat(logits)
 
 
@@ -350,11 +346,16 @@ class Particul(Detector):
         cache.save("detector", key, {"decision": state, "history": self.history, "fit_seconds": self.fit_seconds,
                                      "best_epoch": self.best_epoch, "snapshots": {str(k): v for k, v in self.snapshots.items()}})
 
+    def own_class_maps(self, feats: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Raw maps of each sample's own class's detectors only (N×P×H×W)."""
+        dec = self.decision
+        w = dec.prototypes.view(dec.num_classes, dec.num_parts, -1)[y]  # N×P×D
+        return torch.einsum("ndhw,npd->nphw", feats, w)
+
     def losses(self, feats: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """The loss terms on features ``feats`` of samples of classes ``y``."""
-        dec, p = self.decision, self.params
-        w = dec.prototypes.view(dec.num_classes, dec.num_parts, -1)[y]  # each sample's own class (N×P×D)
-        norm_maps = normalise(torch.einsum("ndhw,npd->nphw", feats, w))
+        p = self.params
+        norm_maps = normalise(self.own_class_maps(feats, y))
         terms = {"locality": locality_loss(norm_maps, p["kernel_size"]), "unicity": unicity_loss(norm_maps)}
         terms["clustering"] = clustering_loss(norm_maps) if p["clustering_weight"] else torch.zeros((), device=feats.device)
         terms["total"] = terms["locality"] + p["unicity_weight"] * terms["unicity"] + p["clustering_weight"] * terms["clustering"]
@@ -410,9 +411,8 @@ class Particul(Detector):
     def _calibrate(self, feats: torch.Tensor, y: torch.Tensor) -> None:
         """Fit a logistic to each (class, detector)'s raw maxima over that class's training images."""
         dec = self.decision
-        w = dec.prototypes.detach().view(dec.num_classes, dec.num_parts, -1)
         with torch.no_grad():  # only each image's own class's maps are fitted: compute only those
-            maxima = torch.cat([torch.einsum("ndhw,npd->nphw", feats[i : i + 1024], w[y[i : i + 1024]]).flatten(-2).amax(-1)
+            maxima = torch.cat([self.own_class_maps(feats[i : i + 1024], y[i : i + 1024]).flatten(-2).amax(-1)
                                 for i in range(0, len(feats), 1024)]).cpu()
         y = y.cpu()
         loc, scale = torch.zeros(dec.num_classes, dec.num_parts), torch.ones(dec.num_classes, dec.num_parts)
@@ -439,14 +439,7 @@ class Particul(Detector):
     # ---- scoring
     def confidence(self, x: torch.Tensor, mode: str | None = None) -> np.ndarray:
         """Image-level in-distribution confidence in [0, 1] (1 − the suspicion score)."""
-        return 1.0 - self._with_mode(mode, x)
-
-    def _with_mode(self, mode, x):
-        saved, self.mode = self.mode, mode or self.mode
-        try:
-            return self.score(x)
-        finally:
-            self.mode = saved
+        return confidence_in_mode(self, x, mode)
 
     def _score(self, x: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
@@ -598,8 +591,7 @@ def class_confidences(dets: list[Particul], model: nn.Module, x, device, batch_s
     classifier per batch, whichever layers the detectors read."""
     layers = sorted({d.layer for d in dets})
     logits, confs = [], [[] for _ in dets]
-    for i in range(0, len(x), batch_size):
-        feats, out = backbone_outputs(model, x[i : i + batch_size], layers, device, batch_size)
+    for feats, out in hooked_batches(model, x, layers, device, batch_size):
         logits.append(out)
         with torch.no_grad():
             for j, d in enumerate(dets):

@@ -21,7 +21,7 @@ import torch
 
 from .. import data, models
 from .base import Detector, DetectorError
-from .particul import MODES, Particul, class_confidences, fit_many, image_confidence
+from .particul import MODES, Particul, class_confidences, confidence_in_mode, fit_many, image_confidence
 
 
 class ParticulMultiLayer(Detector):
@@ -77,8 +77,4 @@ class ParticulMultiLayer(Detector):
         return (1.0 - conf).cpu().numpy()
 
     def confidence(self, x: torch.Tensor, mode: str | None = None) -> np.ndarray:
-        saved, self.mode = self.mode, mode or self.mode
-        try:
-            return 1.0 - self.score(x)
-        finally:
-            self.mode = saved
+        return confidence_in_mode(self, x, mode)
