@@ -92,8 +92,8 @@ def test_every_attack_runs_with_a_tiny_budget(victim, name):
         "bim": {"eps": 0.2, "eps_step": 0.05, "max_iter": 5},
         "deepfool": {"max_iter": 5, "nb_grads": 3},
         "cw_l2": {"binary_search_steps": 2, "max_iter": 5},
-        "hopskipjump": {"max_iter": 2, "max_eval": 50, "init_eval": 5, "init_size": 20},
-        "boundary": {"max_iter": 5, "num_trial": 5, "sample_size": 5, "init_size": 20},
+        "hopskipjump": {"max_iter": 2, "init_eval": 5, "init_size": 20},
+        "boundary": {"max_iter": 5, "sample_size": 5, "init_size": 20},
         "pixel": {"max_iter": 2},
         "square": {"eps": 0.2, "max_iter": 10},
     }[name]
@@ -122,11 +122,171 @@ def test_fast_per_sample_class_gradient_matches_art(victim):
     assert np.allclose(fast, slow, atol=1e-6)
 
 
-@pytest.mark.parametrize("name, budget", [("hopskipjump", {"max_iter": 2, "max_eval": 50, "init_eval": 5, "init_size": 20}),
-                                          ("boundary", {"max_iter": 5, "num_trial": 5, "sample_size": 5, "init_size": 20})])
+@pytest.mark.parametrize("name, budget", [("hopskipjump", {"max_iter": 2, "init_eval": 5, "init_size": 20}),
+                                          ("boundary", {"max_iter": 5, "sample_size": 5, "init_size": 20})])
 def test_black_box_attacks_are_deterministic_despite_arts_fresh_random_states(victim, name, budget):
     trained, x, y = victim
     atk = attacks.attack(name, trained, seed=5, **budget)
     first, second = atk._run(x[:4], y[:4]), atk._run(x[:4], y[:4])  # uncached, twice
     assert np.array_equal(first["x_adv"], second["x_adv"])
     assert isinstance(np.random.RandomState(), np.random.mtrand.RandomState)  # restored afterwards
+
+
+# ---------------------------------------------------------------- what the record counts (issue 12)
+WHITE_BOX_TINY = {
+    "fgsm": {"eps": 0.1},
+    "bim": {"eps": 0.2, "eps_step": 0.05, "max_iter": 4},
+    "pgd": {"eps": 0.2, "eps_step": 0.05, "max_iter": 3, "num_random_init": 2},
+    "deepfool": {"max_iter": 4},
+    "cw_l2": {"binary_search_steps": 2, "max_iter": 3},
+}
+
+
+@pytest.mark.parametrize("name", sorted(WHITE_BOX_TINY))
+def test_counted_gradients_never_exceed_the_bound(victim, name):
+    trained, x, y = victim
+    assert set(WHITE_BOX_TINY) == {n for n, s in attacks.ATTACKS.items() if s.box == "white"}
+    atk = attacks.attack(name, trained, **WHITE_BOX_TINY[name])
+    rec = atk.generate(x[:6], y[:6])
+    assert rec.gradient_bound == atk.gradient_bound
+    assert 1 <= rec.gradients <= rec.gradient_bound
+
+
+def test_the_bounds_follow_what_art_calls():
+    # DeepFool differentiates every class before its loop and after each step; CW takes two
+    # class gradients per step
+    assert attacks.spec("deepfool").gradient_bound({"max_iter": 10, "epsilon": 0.02, "nb_grads": None}, 10) == 110
+    assert attacks.spec("cw_l2").gradient_bound({"binary_search_steps": 4, "max_iter": 10}, 10) == 80
+
+
+def test_deepfool_with_every_class_reaches_its_bound_when_an_image_resists(victim):
+    trained, x, y = victim
+    rec = attacks.attack("deepfool", trained, max_iter=1, epsilon=0.0).generate(x[:6], y[:6])
+    # one step rarely fools every image, so the batch pays the before-loop and one-step gradients
+    assert rec.gradients == rec.gradient_bound == 2 * 10
+
+
+def test_boundary_records_the_iterations_it_ran_and_spends_its_budget(victim):
+    trained, x, y = victim
+    rec = attacks.attack("boundary", trained, max_iter=8, num_trial=25, sample_size=5).generate(x[:4], y[:4])
+    assert rec.iterations.shape == (4,) and rec.iterations.dtype == np.int64
+    started = rec.success  # an image with no adversarial start returns unchanged, after 0 iterations
+    assert started.sum() >= 2
+    assert (rec.iterations[started] == 8).all() and (rec.iterations[~started] == 0).all()
+    other = attacks.attack("fgsm", trained, eps=0.1).generate(x[:4], y[:4])
+    assert (other.iterations == -1).all()
+
+
+def test_boundary_counts_an_early_stop_and_warns(victim, monkeypatch):
+    import art.attacks.evasion.boundary as boundary_module
+
+    trained, x, y = victim
+    calls = {"n": 0}
+    real = boundary_module.BoundaryAttack._attack
+
+    def fail_after_three(self, *args, **kwargs):  # ART's step-size search giving up at iteration 4
+        calls["n"] += 1
+        self.max_iter, full = 3, self.max_iter
+        try:
+            return real(self, *args, **kwargs)
+        finally:
+            self.max_iter = full
+
+    monkeypatch.setattr(boundary_module.BoundaryAttack, "_attack", fail_after_three)
+    atk = attacks.attack("boundary", trained, max_iter=6, sample_size=5, init_size=20)
+    with pytest.warns(attacks.AttackWarning, match="gave up before max_iter=6 on 3 of 3 images"):
+        rec = atk._run(x[:3], y[:3])
+    assert calls["n"] == 3 and (rec["iterations"] == 3).all()
+
+
+def test_square_counts_distinct_queries_in_the_papers_unit(victim):
+    trained, x, y = victim
+    rec = attacks.attack("square", trained, eps=0.05, max_iter=10).generate(x[:6], y[:6])
+    # the clean image, the stripe start and at most one new candidate per iteration; ART's own
+    # count re-predicts the whole batch at every iteration
+    assert 2 <= rec.queries <= 10 + 2
+    assert rec.art_queries > rec.queries
+
+
+def test_square_l2_is_repeatable_although_it_draws_from_pythons_random(victim):
+    import random
+
+    trained, x, y = victim
+    atk = attacks.attack("square", trained, norm="2", eps=1.0, max_iter=10, seed=2)
+    random.seed(1)
+    first = atk._run(x[:4], y[:4])
+    random.seed(99)
+    second = atk._run(x[:4], y[:4])
+    assert np.array_equal(first["x_adv"], second["x_adv"])
+
+
+@pytest.mark.parametrize("name, budget", [("square", {"norm": "2", "eps": 1.0, "max_iter": 5}),
+                                          ("pgd", {"eps": 0.1, "eps_step": 0.05, "max_iter": 2}),
+                                          ("boundary", {"max_iter": 3, "sample_size": 5, "init_size": 20})])
+def test_an_attack_leaves_the_global_random_states_as_it_found_them(victim, name, budget):
+    import random
+
+    import torch
+
+    trained, x, y = victim
+    random.seed(123), np.random.seed(123), torch.manual_seed(123)
+    before = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    attacks.attack(name, trained, seed=7, **budget)._run(x[:3], y[:3])
+    after = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    assert before[0] == after[0]
+    assert all(np.array_equal(a, b) for a, b in zip(before[1][1:], after[1][1:]))
+    assert torch.equal(before[2], after[2])
+
+
+@pytest.mark.parametrize("key", ["max_halving", "max_doubling"])
+def test_cw_line_search_needs_one_step_each_way(key):
+    with pytest.raises(attacks.AttackError, match=f"{key}=0 is invalid; it must be ≥ 1"):
+        attacks.resolve_budget("cw_l2", {key: 0}, input_dim=784)
+
+
+def test_values_that_cannot_bind_are_flagged(victim):
+    trained, _, _ = victim
+    with pytest.warns(attacks.AttackWarning, match="nb_grads=10 cannot bind"):
+        attacks.attack("deepfool", trained, nb_grads=10)
+    with pytest.warns(attacks.AttackWarning, match="max_eval=500 cannot bind.*peaks at 31"):
+        attacks.attack("hopskipjump", trained, max_iter=10, init_eval=10, max_eval=500)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", attacks.AttackWarning)
+        attacks.attack("hopskipjump", trained, max_iter=10, init_eval=10, max_eval=20)  # binds from t = 3
+        attacks.attack("hopskipjump", trained, max_iter=10, init_eval=10)  # null: no cap, nothing to flag
+        attacks.attack("deepfool", trained)
+    with pytest.raises(attacks.AttackError, match="init_eval=30 must not exceed max_eval=20"):
+        attacks.resolve_budget("hopskipjump", {"init_eval": 30, "max_eval": 20}, 784)
+
+
+def test_deepfool_warns_when_its_class_subset_covers_every_class(victim):
+    trained, x, y = victim
+    atk = attacks.attack("deepfool", trained, max_iter=1, nb_grads=9)
+    with pytest.warns(attacks.AttackWarning, match="nb_grads=9 does not bind here"):
+        atk._run(x, y)
+
+
+def test_l0_ignores_changes_below_half_a_grey_level():
+    x = np.zeros((1, 1, 4, 4), np.float32)
+    adv = x.copy()
+    adv[0, 0, 0, 0], adv[0, 0, 1, 1], adv[0, 0, 2, 2] = 1e-4, 1.9 / 255, 0.5
+    assert attacks.perturbation_norms(x, adv)[2][0] == 2
+
+
+def test_budget_checks_flag_what_was_not_spent(victim):
+    from tamperbench import suite
+
+    trained, x, y = victim
+    records = {
+        "fgsm": attacks.attack("fgsm", trained, eps=0.1).generate(x[:4], y[:4]),
+        "hopskipjump": attacks.attack("hopskipjump", trained, max_iter=2, init_eval=5, init_size=20).generate(x[:4], y[:4]),
+    }
+    checks = suite.budget_checks(records, 10).set_index("attack")
+    assert checks.loc["fgsm", "within_bound"] and checks.loc["fgsm", "spent_as_configured"]
+    assert checks.loc["hopskipjump", "unit"] == "distinct queries"
+    hsj = records["hopskipjump"]
+    hsj.budget = dict(hsj.budget, max_eval=500)  # as if configured with a cap it never reaches
+    flagged = suite.budget_checks({"hopskipjump": hsj}, 10).iloc[0]
+    assert not flagged.spent_as_configured and "max_eval=500 cannot bind" in flagged.problems

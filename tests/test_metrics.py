@@ -58,3 +58,13 @@ def test_bad_inputs():
         metrics.detection_metrics(np.array([np.nan]), np.array([1.0]))
     with pytest.raises(ValueError, match="valid metrics: auroc"):
         metrics.bootstrap_ci(np.ones(3), np.ones(3), "accuracy")
+
+
+def test_wilson_interval_is_honest_at_the_edges():
+    low, high = metrics.wilson_interval(0, 10)
+    assert low == 0 and 0.27 < high < 0.28  # the textbook value 0.2775
+    low, high = metrics.wilson_interval(10, 10)
+    assert high == pytest.approx(1.0) and 0.72 < low < 0.73
+    low, high = metrics.wilson_interval(1, 12)  # the old one-pixel row: 1 of 12
+    assert 0.01 < low < 0.02 and 0.35 < high < 0.36
+    assert all(np.isnan(metrics.wilson_interval(0, 0)))

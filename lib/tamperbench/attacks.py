@@ -7,8 +7,22 @@ wrapped in ART's ``PyTorchClassifier`` (float32 input, clip values [0, 1], the d
 explicitly) with counters of the model queries and gradient evaluations the attack makes.
 
 Every budget is explicit: ART's defaults crawl on CPU (``batch_size=1`` for DeepFool and CW,
-``max_eval=10000`` for HopSkipJump). Black-box attacks draw from NumPy's global RNG, so it is
-seeded immediately before each of them.
+``max_eval=10000`` for HopSkipJump). Each run seeds Python's ``random``, NumPy's global RNG, the
+fresh ``RandomState`` objects ART creates and torch, and restores every global random state
+afterwards (:func:`contained_random_states`): same seed, same record, and no side effects.
+
+What the record counts, in the papers' units:
+
+- ``gradients``: class or loss gradients per image, never above the attack's
+  ``gradient_bound`` (derived from what ART really calls; see each spec);
+- ``queries``: *distinct* inputs the model was asked about, per image (a query, as the
+  black-box papers count it); ``art_queries`` is ART's own count, which re-predicts inputs it
+  already knows (Square predicts the whole batch at every iteration);
+- ``iterations``: for Boundary, the iterations each image really ran (ART's step-size search
+  may give up early; ``-1`` elsewhere).
+
+A budget value that cannot bind (DeepFool's ``nb_grads`` at or above the number of classes,
+HopSkipJump's ``max_eval`` above the peak of its schedule) raises an :class:`AttackWarning`.
 
 ``generate`` returns an :class:`AttackRecord` (clean and adversarial inputs, labels,
 predictions, success, L∞/L2/L0 norms, wall time, queries). Records are cached under
@@ -22,7 +36,9 @@ import contextlib
 import hashlib
 import itertools
 import math
+import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -33,12 +49,19 @@ import torch.nn.functional as F
 
 from . import cache, models
 
-RECORD_VERSION = 4
+RECORD_VERSION = 6
 NORMS = {"inf": np.inf, "2": 2}
+#: a pixel counts as changed (L0) when it moved by more than half a grey level: Carlini-Wagner's
+#: tanh round trip leaves ~1e-7 noise on untouched pixels, which is not a change
+L0_TOLERANCE = 0.5 / 255
 
 
 class AttackError(ValueError):
     """A bad attack name, budget or input."""
+
+
+class AttackWarning(UserWarning):
+    """A budget value that cannot take effect, or a budget that was not spent."""
 
 
 # --------------------------------------------------------------------------- budgets
@@ -56,6 +79,8 @@ class Param:
     kind: type  # int, float or str
     check: Callable[[Any], bool] | None = None
     rule: str = ""  # what ``check`` demands, for the error message
+    optional: bool = False  # None is allowed and means "no cap"
+    none_label: str = "null"  # what None means, for tables
 
 
 @dataclass(frozen=True)
@@ -64,9 +89,13 @@ class AttackSpec:
     box: str  # "white" or "black"
     budget: dict[str, Param]
     targeted: bool  # whether ART supports a targeted version
-    #: gradient evaluations per image the budget allows (white box only)
-    gradient_bound: Callable[[dict], float] | None = None
-    extra: dict = field(default_factory=dict)  # fixed ART arguments
+    #: gradient evaluations per image that ART can make under the budget, given the number of
+    #: classes (white box only): ``bound(budget, nb_classes)``
+    gradient_bound: Callable[[dict, int], float] | None = None
+    #: True: fixed-budget attack (success is a measurement); False: minimal-perturbation attack
+    #: that succeeds by construction and is judged by the size of its perturbation
+    fixed_budget: bool = True
+    note: str = ""  # how this implementation differs from the paper, for chapter 2's table
 
 
 EPS = Param(0.1, float, None, "in [0, clip_max]")  # checked against the clip range and norm
@@ -76,50 +105,64 @@ STEPS = Param(20, int, _positive, "≥ 1")
 ATTACKS: dict[str, AttackSpec] = {
     "fgsm": AttackSpec(
         "FastGradientMethod", "white",
-        {"eps": EPS, "norm": NORM_INF_2}, True, lambda b: 1,
+        {"eps": EPS, "norm": NORM_INF_2}, True, lambda b, k: 1,
     ),
     "bim": AttackSpec(
         "BasicIterativeMethod", "white",
         {"eps": EPS, "eps_step": Param(0.01, float, _positive, "> 0"), "max_iter": STEPS}, True,
-        lambda b: b["max_iter"],
+        lambda b, k: b["max_iter"],
     ),
     "pgd": AttackSpec(
         "ProjectedGradientDescent", "white",
         {"eps": EPS, "eps_step": Param(0.01, float, _positive, "> 0"), "max_iter": Param(40, int, _positive, "≥ 1"),
          "norm": NORM_INF_2, "num_random_init": Param(1, int, _non_negative, "≥ 0")}, True,
-        lambda b: b["max_iter"] * max(b["num_random_init"], 1),
+        lambda b, k: b["max_iter"] * max(b["num_random_init"], 1),
     ),
     "deepfool": AttackSpec(
         "DeepFool", "white",
         {"max_iter": Param(10, int, _positive, "≥ 1"), "epsilon": Param(0.02, float, _non_negative, "≥ 0 (overshoot)"),
-         "nb_grads": Param(10, int, _positive, "≥ 1")}, False,
-        # one class gradient per candidate class per iteration
-        lambda b: b["max_iter"] * b["nb_grads"],
+         "nb_grads": Param(None, int, _positive, "≥ 1, or null for every class", optional=True, none_label="every class")}, False,
+        # ART differentiates every considered class once before the loop and once after each
+        # step; the classes considered are the union of each batch's top nb_grads, in practice
+        # all of them, so the bound uses every class
+        lambda b, k: (b["max_iter"] + 1) * k,
+        fixed_budget=False,
+        note="overshoot applied once, to the final perturbation (ART); the authors' code tests the overshot image at every step",
     ),
     "cw_l2": AttackSpec(
         "CarliniL2Method", "white",
         {"confidence": Param(0.0, float, _non_negative, "≥ 0"), "learning_rate": Param(0.05, float, _positive, "> 0"),
          "binary_search_steps": Param(4, int, _positive, "≥ 1"), "max_iter": Param(10, int, _positive, "≥ 1"),
-         "initial_const": Param(1.0, float, _positive, "> 0"), "max_halving": Param(2, int, _non_negative, "≥ 0"),
-         "max_doubling": Param(2, int, _non_negative, "≥ 0")}, True,
-        lambda b: b["binary_search_steps"] * b["max_iter"],
+         "initial_const": Param(1.0, float, _positive, "> 0"),
+         # ART refuses 0 (its line search needs at least one halving and one doubling step)
+         "max_halving": Param(2, int, _positive, "≥ 1 (ART needs one halving step)"),
+         "max_doubling": Param(2, int, _positive, "≥ 1 (ART needs one doubling step)")}, True,
+        # each step's loss gradient is the difference of two class gradients
+        lambda b, k: 2 * b["binary_search_steps"] * b["max_iter"],
+        fixed_budget=False,
+        note="no norm limit: a binary search over the constant c, in tanh space",
     ),
     "hopskipjump": AttackSpec(
         "HopSkipJump", "black",
         {"norm": Param("2", str, lambda v: v in NORMS, "one of: inf, 2"), "max_iter": Param(10, int, _non_negative, "≥ 0"),
-         "max_eval": Param(500, int, _positive, "≥ 1"), "init_eval": Param(10, int, _positive, "≥ 1"),
-         "init_size": Param(100, int, _positive, "≥ 1")}, True,
+         "max_eval": Param(None, int, _positive, "≥ 1, or null for no cap", optional=True, none_label="uncapped"),
+         "init_eval": Param(10, int, _positive, "≥ 1"), "init_size": Param(100, int, _positive, "≥ 1")}, True,
+        fixed_budget=False,
+        note="starts from an adversarial image and shrinks its distance to the clean one",
     ),
     "boundary": AttackSpec(
         "BoundaryAttack", "black",
         {"max_iter": Param(200, int, _non_negative, "≥ 0"), "delta": Param(0.01, float, _positive, "> 0"),
          "epsilon": Param(0.01, float, _positive, "> 0"), "num_trial": Param(25, int, _positive, "≥ 1"),
          "sample_size": Param(20, int, _positive, "≥ 1"), "init_size": Param(100, int, _positive, "≥ 1")}, True,
+        fixed_budget=False,
+        note="starts from an adversarial image and walks along the boundary towards the clean one",
     ),
     "pixel": AttackSpec(
         "PixelAttack", "black",
-        {"th": Param(1, int, _positive, "≥ 1 (pixels changed)"), "max_iter": Param(20, int, _positive, "≥ 1"),
+        {"th": Param(1, int, _positive, "≥ 1 (pixels changed)"), "max_iter": Param(100, int, _positive, "≥ 1"),
          "es": Param(1, int, lambda v: v in (0, 1), "0 (CMA-ES) or 1 (differential evolution)")}, True,
+        note="differential evolution over th pixels (population 400); th > 1 is the few-pixel variant",
     ),
     "square": AttackSpec(
         "SquareAttack", "black",
@@ -150,6 +193,9 @@ def resolve_budget(name: str, budget: dict, input_dim: int, clip_max: float = 1.
         value = budget.get(key, p.default)
         if key == "norm":
             value = "inf" if value in (np.inf, "inf", "Linf") else str(value)
+        if value is None and p.optional:
+            out[key] = None
+            continue
         if p.kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, p.kind) or isinstance(value, bool):
@@ -164,7 +210,32 @@ def resolve_budget(name: str, budget: dict, input_dim: int, clip_max: float = 1.
             raise AttackError(f"{name}: eps={out['eps']} is outside [0, {limit:g}] (clip range [0, {clip_max:g}], norm {out.get('norm', 'inf')})")
         if "eps_step" in out and out["eps_step"] > out["eps"] > 0:
             raise AttackError(f"{name}: eps_step={out['eps_step']} must not exceed eps={out['eps']}")
+    if out.get("max_eval") is not None and out["init_eval"] > out["max_eval"]:
+        raise AttackError(f"{name}: init_eval={out['init_eval']} must not exceed max_eval={out['max_eval']}")
     return out
+
+
+def hopskipjump_peak_evaluations(budget: dict) -> int:
+    """The most evaluations per gradient estimate HopSkipJump's schedule reaches uncapped.
+
+    ART uses ``min(int(init_eval·√(t+1)), max_eval)`` at iteration t = 0 … max_iter − 1.
+    """
+    return int(budget["init_eval"] * math.sqrt(max(budget["max_iter"], 1)))
+
+
+def unbound_parameters(name: str, budget: dict, nb_classes: int) -> list[str]:
+    """Why values of a resolved budget cannot take effect (an empty list when all can)."""
+    problems = []
+    if name == "deepfool" and budget["nb_grads"] is not None and budget["nb_grads"] >= nb_classes:
+        problems.append(f"deepfool: nb_grads={budget['nb_grads']} cannot bind: with {nb_classes} classes every class "
+                        "gradient is computed anyway (use null for every class)")
+    if name == "hopskipjump" and budget["max_eval"] is not None:
+        peak = hopskipjump_peak_evaluations(budget)
+        if budget["max_eval"] >= peak:
+            problems.append(f"hopskipjump: max_eval={budget['max_eval']} cannot bind: evaluations per step are "
+                            f"min(init_eval·√(t+1), max_eval), which peaks at {peak} with init_eval={budget['init_eval']} "
+                            f"and max_iter={budget['max_iter']} (use null for no cap)")
+    return problems
 
 
 # --------------------------------------------------------------------------- ART wrapper
@@ -175,13 +246,36 @@ def _counting_classifier_class():
         """ART's PyTorchClassifier that counts the images it predicts and differentiates."""
 
         def reset_counts(self):
-            self.n_predicted = 0
+            self.n_predicted = 0  # ART's count: every prediction, repeats included
             self.n_gradients = 0
+            self._seen: set[bytes] = set()  # digests of the distinct inputs queried
 
-        def predict(self, x, *args, **kwargs):
-            self.n_predicted += len(x)
+        @property
+        def n_distinct(self) -> int:
+            """Distinct inputs queried: the papers' unit (a repeat costs an attacker nothing)."""
+            return len(self._seen)
+
+        def predict(self, x, batch_size=128, training_mode=False, **kwargs):
             # HopSkipJump and Boundary pass float64 candidates; the model is float32
-            return super().predict(np.asarray(x, dtype=np.float32), *args, **kwargs)
+            x = np.asarray(x, dtype=np.float32)
+            self.n_predicted += len(x)
+            flat = np.ascontiguousarray(x.reshape(len(x), -1))
+            self._seen.update(hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in flat)
+            return self._sliced_predict(x, batch_size, training_mode)
+
+        def _sliced_predict(self, x, batch_size, training_mode):
+            """ART's ``predict`` with slices for its DataLoader, which collates sample by sample
+            and dominated the decision-based attacks' many small calls. Same batches, same output."""
+            self._model.train(mode=training_mode)
+            x_pre, _ = self._apply_preprocessing(x, y=None, fit=False)
+            x_pre = torch.from_numpy(np.ascontiguousarray(x_pre))
+            outputs = []
+            with torch.no_grad():
+                for i in range(0, len(x_pre), batch_size):
+                    out = self._model(x_pre[i:i + batch_size].to(self._device))[-1].detach().cpu().numpy().astype(np.float32)
+                    outputs.append(out[:, None] if out.ndim == 1 else out)
+            results = np.vstack(outputs) if outputs else np.zeros((0, self.nb_classes), np.float32)
+            return self._apply_postprocessing(preds=results, fit=False)
 
         def loss_gradient(self, x, y, *args, **kwargs):
             self.n_gradients += len(x)
@@ -234,6 +328,67 @@ def seeded_fresh_random_states(seed: int):
         np.random.RandomState = original
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random`` (Square with ``norm=2``), NumPy's global RNG (the black-box
+    attacks, PGD's random start) and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def seeded_random_states(seed: int):
+    """Seed every random source an ART attack draws from, ART's fresh ``RandomState()`` too."""
+    seed_everything(seed)
+    with seeded_fresh_random_states(seed):
+        yield
+
+
+@contextlib.contextmanager
+def contained_random_states(seed: int):
+    """Seed every random source while the block runs, and restore the caller's states after it."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):
+        try:
+            with seeded_random_states(seed):
+                yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+@contextlib.contextmanager
+def counted_boundary_iterations(art_attack):
+    """Count the iterations ART's BoundaryAttack completes on each image, in image order.
+
+    ART gives up on an image when its step-size search fails ``num_trial`` times, without
+    saying so; the budget that was really spent is only visible by counting. Each image's
+    ``_perturb`` opens a counter; the iteration loop's ``trange`` advances it after each
+    completed iteration. Images with no adversarial start never iterate and count 0.
+    """
+    import art.attacks.evasion.boundary as boundary_module
+
+    counts: list[int] = []
+    original_perturb, original_trange = art_attack._perturb, boundary_module.trange
+
+    def perturb(*args, **kwargs):
+        counts.append(0)
+        return original_perturb(*args, **kwargs)
+
+    def counting_trange(n, *args, **kwargs):
+        for i in range(n):
+            yield i
+            counts[-1] += 1  # reached only when the loop asks for the next iteration
+
+    art_attack._perturb, boundary_module.trange = perturb, counting_trange
+    try:
+        yield counts
+    finally:
+        boundary_module.trange = original_trange
+        del art_attack._perturb  # back to the class's method
+
+
 def wrap(model: nn.Module, input_shape: tuple[int, ...], nb_classes: int, device: str = "auto"):
     """ART's PyTorchClassifier over a logits model: float32 inputs in [0, 1], explicit device."""
     dev = models.pick_device(device)
@@ -275,14 +430,18 @@ class AttackRecord:
     success: np.ndarray  # on a clean-correct sample: the prediction left y (or reached the target)
     linf: np.ndarray
     l2: np.ndarray
-    l0: np.ndarray  # pixels (spatial positions) changed
+    l0: np.ndarray  # pixels (spatial positions) changed by more than L0_TOLERANCE
+    iterations: np.ndarray  # iterations run per image (Boundary), -1 where not counted
     seconds: float
-    queries: float  # model predictions per image
+    queries: float  # distinct inputs queried per image (the black-box papers' unit)
+    art_queries: float  # ART's predictions per image, repeats included
     gradients: float  # gradient evaluations per image (class or loss gradients)
+    gradient_bound: float  # the most gradients per image ART can make under the budget (NaN: black box)
     grad_seconds: float  # one forward+backward pass per image, timed just before the attack
     key: str = ""
 
-    _SCALARS = ("seconds", "queries", "gradients", "grad_seconds")
+    _SCALARS = ("seconds", "queries", "art_queries", "gradients", "gradient_bound", "grad_seconds")
+    _ARRAYS = ("x_clean", "x_adv", "y_true", "pred_clean", "pred_adv", "target", "success", "linf", "l2", "l0", "iterations")
 
     def __len__(self) -> int:
         return len(self.y_true)
@@ -290,10 +449,9 @@ class AttackRecord:
     @property
     def cost_ratio(self) -> float:
         """Time per image over the time of the budget's gradient evaluations (white box)."""
-        bound = spec(self.name).gradient_bound
-        if bound is None or self.grad_seconds <= 0:
+        if not np.isfinite(self.gradient_bound) or self.grad_seconds <= 0:
             return float("nan")
-        return self.seconds / len(self) / (bound(self.budget) * self.grad_seconds)
+        return self.seconds / len(self) / (self.gradient_bound * self.grad_seconds)
 
     @property
     def clean_correct(self) -> np.ndarray:
@@ -306,7 +464,7 @@ class AttackRecord:
         return float(self.success[ok].mean()) if ok.any() else float("nan")
 
     def to_arrays(self) -> dict:
-        arrays = {k: getattr(self, k) for k in ("x_clean", "x_adv", "y_true", "pred_clean", "pred_adv", "target", "success", "linf", "l2", "l0")}
+        arrays = {k: getattr(self, k) for k in self._ARRAYS}
         arrays.update({k: np.float64(getattr(self, k)) for k in self._SCALARS})
         return arrays
 
@@ -320,7 +478,7 @@ def perturbation_norms(x_clean: np.ndarray, x_adv: np.ndarray) -> tuple[np.ndarr
     d = (x_adv - x_clean).reshape(len(x_clean), x_clean.shape[1], -1)
     linf = np.abs(d).max(axis=(1, 2))
     l2 = np.sqrt((d.astype(np.float64) ** 2).sum(axis=(1, 2)))
-    l0 = (np.abs(d) > 1e-6).any(axis=1).sum(axis=1)  # a pixel counts once, whatever its channels
+    l0 = (np.abs(d) > L0_TOLERANCE).any(axis=1).sum(axis=1)  # a pixel counts once, whatever its channels
     return linf.astype(np.float32), l2.astype(np.float32), l0.astype(np.int64)
 
 
@@ -339,11 +497,13 @@ class Attack:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise AttackError(f"batch_size must be an int ≥ 1, got {batch_size!r}")
         self.targeted, self.seed, self.batch_size, self.device = targeted, int(seed), batch_size, device
+        for problem in unbound_parameters(name, self.budget, nb_classes):
+            warnings.warn(problem, AttackWarning, stacklevel=3)
 
     @property
     def gradient_bound(self) -> float | None:
-        """Gradient evaluations per image that the budget allows (None for black-box attacks)."""
-        return self.spec.gradient_bound(self.budget) if self.spec.gradient_bound else None
+        """Gradient evaluations per image that ART can make under the budget (None for black box)."""
+        return self.spec.gradient_bound(self.budget, self.nb_classes) if self.spec.gradient_bound else None
 
     def _check_input(self, x, y):
         if not isinstance(x, np.ndarray) or x.dtype != np.float32:
@@ -376,6 +536,10 @@ class Attack:
         import art.attacks.evasion as evasion
 
         kwargs = dict(self.budget)
+        if self.name == "deepfool" and kwargs["nb_grads"] is None:
+            kwargs["nb_grads"] = self.nb_classes
+        if self.name == "hopskipjump" and kwargs["max_eval"] is None:  # no cap: the schedule's own peak
+            kwargs["max_eval"] = max(hopskipjump_peak_evaluations(kwargs), kwargs["init_eval"])
         if "norm" in kwargs:
             kwargs["norm"] = NORMS[kwargs["norm"]]
         if self.spec.targeted:
@@ -389,36 +553,72 @@ class Attack:
         return getattr(evasion, self.spec.art_class)(clf, **kwargs)
 
     def _run(self, x: np.ndarray, y: np.ndarray) -> dict:
+        # the whole run, predictions included: ART's predict draws a DataLoader seed from torch
+        with contained_random_states(self.seed):
+            return self._run_seeded(x, y)
+
+    def _run_seeded(self, x: np.ndarray, y: np.ndarray) -> dict:
         clf = wrap(self.model, self.input_shape, self.nb_classes, self.device)
-        pred_clean = clf.predict(x, batch_size=512).argmax(1)
+        logits_clean = clf.predict(x, batch_size=512)
+        pred_clean = logits_clean.argmax(1)
+        self._warn_if_deepfool_subset_is_everything(logits_clean)
         target = self.targets(y)
         art_attack = self._art_attack(clf)
         grad_seconds = self._time_gradient(x)
         clf.reset_counts()
-        # ART's black-box attacks (and PGD's random start) draw from the global NumPy RNG
-        np.random.seed(self.seed)
-        torch.manual_seed(self.seed)
-        start = time.perf_counter()
         if self.targeted:
             labels = np.eye(self.nb_classes, dtype=np.float32)[target]
         elif self.spec.box == "black" or self.name in ("deepfool",):
             labels = None  # these attack the model's own prediction
         else:
             labels = np.eye(self.nb_classes, dtype=np.float32)[y]
-        with seeded_fresh_random_states(self.seed):
+        iterations = np.full(len(x), -1, dtype=np.int64)
+        counting = counted_boundary_iterations(art_attack) if self.name == "boundary" else contextlib.nullcontext()
+        start = time.perf_counter()
+        with seeded_random_states(self.seed), counting as counts:
             x_adv = art_attack.generate(x.copy(), y=labels).astype(np.float32)
         seconds = time.perf_counter() - start
-        queries, gradients = clf.n_predicted / len(x), clf.n_gradients / len(x)
+        if counts is not None:
+            iterations = np.asarray(counts, dtype=np.int64)
+            self._warn_if_boundary_stopped_early(iterations)
+        queries, art_queries, gradients = clf.n_distinct / len(x), clf.n_predicted / len(x), clf.n_gradients / len(x)
         x_adv = np.clip(x_adv, 0.0, 1.0)
         pred_adv = clf.predict(x_adv, batch_size=512).argmax(1)
         success = (pred_clean == y) & ((pred_adv == target) if self.targeted else (pred_adv != y))
         linf, l2, l0 = perturbation_norms(x, x_adv)
+        bound = self.gradient_bound
         return dict(
             x_clean=x, x_adv=x_adv, y_true=y.astype(np.int64), pred_clean=pred_clean.astype(np.int64),
             pred_adv=pred_adv.astype(np.int64), target=target, success=success, linf=linf, l2=l2, l0=l0,
-            seconds=np.float64(seconds), queries=np.float64(queries), gradients=np.float64(gradients),
-            grad_seconds=np.float64(grad_seconds),
+            iterations=iterations, seconds=np.float64(seconds), queries=np.float64(queries),
+            art_queries=np.float64(art_queries), gradients=np.float64(gradients),
+            gradient_bound=np.float64(np.nan if bound is None else bound), grad_seconds=np.float64(grad_seconds),
         )
+
+    def _warn_if_deepfool_subset_is_everything(self, logits: np.ndarray) -> None:
+        """ART unions each batch's top ``nb_grads`` classes: warn when that is every class."""
+        nb_grads = self.budget.get("nb_grads") if self.name == "deepfool" else None
+        if nb_grads is None or nb_grads >= self.nb_classes:
+            return
+        top = np.argsort(-logits, axis=1)[:, :nb_grads]
+        covered = [len(np.unique(top[i:i + self.batch_size])) for i in range(0, len(top), self.batch_size)]
+        if max(covered) >= self.nb_classes:
+            warnings.warn(f"deepfool: nb_grads={nb_grads} does not bind here: ART takes the union of the top "
+                          f"{nb_grads} classes over each batch of {self.batch_size}, which covers all "
+                          f"{self.nb_classes} classes", AttackWarning, stacklevel=4)
+
+    def _warn_if_boundary_stopped_early(self, iterations: np.ndarray) -> None:
+        max_iter = self.budget["max_iter"]
+        no_start, short = iterations == 0, (iterations > 0) & (iterations < max_iter)
+        if max_iter and no_start.any():
+            warnings.warn(f"boundary: no adversarial starting image found for {int(no_start.sum())} of "
+                          f"{len(iterations)} images; raise init_size={self.budget['init_size']}",
+                          AttackWarning, stacklevel=4)
+        if short.any():
+            warnings.warn(f"boundary: the step-size search gave up before max_iter={max_iter} on "
+                          f"{int(short.sum())} of {len(iterations)} images (mean {iterations[short].mean():.0f} "
+                          f"iterations run); raise num_trial={self.budget['num_trial']} to spend the budget",
+                          AttackWarning, stacklevel=4)
 
     def _time_gradient(self, x: np.ndarray, repeats: int = 5) -> float:
         """Seconds per image of one forward+backward pass on a batch of ``x`` (median, warm)."""

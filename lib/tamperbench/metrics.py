@@ -7,7 +7,8 @@ OOD, labels < 0 mark the positives), and scikit-learn's ROC curve for TPR at a f
   FPR@80TPR, which the PARTICUL/CODE authors reported;
 - AUPR-In (clean as the positive class) and AUPR-Out (tampered as the positive class);
 - TPR@5FPR (the share of tampered inputs caught when 5 % of clean inputs are flagged);
-- a stratified bootstrap 95 % confidence interval for any of them.
+- a stratified bootstrap 95 % confidence interval for any of them;
+- the Wilson score interval of a rate (an attack's success rate, a detection rate), from SciPy.
 """
 
 from __future__ import annotations
@@ -49,6 +50,19 @@ def detection_metrics(clean: np.ndarray, tampered: np.ndarray) -> dict[str, floa
         "aupr_out": float(pf.aupr(scores, labels, positive="ood")),
         "tpr_at_fpr5": tpr_at_fpr(np.asarray(clean), np.asarray(tampered), 0.05),
     }
+
+
+def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of the rate ``successes / n`` (NaNs when ``n`` is 0).
+
+    Unlike the normal approximation it stays inside [0, 1] and is honest at 0 % and 100 %.
+    """
+    from scipy.stats import binomtest
+
+    if n == 0:
+        return float("nan"), float("nan")
+    ci = binomtest(int(successes), int(n)).proportion_ci(confidence_level=level, method="wilson")
+    return float(ci.low), float(ci.high)
 
 
 def bootstrap_ci(clean: np.ndarray, tampered: np.ndarray, metric: str = "auroc", n_boot: int = 200,

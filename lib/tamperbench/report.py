@@ -95,14 +95,15 @@ def glue_md(name: str, text: str) -> None:
     glue(name, Markdown(text))
 
 
-def table(df: pd.DataFrame, digits: int = 3):
-    """A table for reading: floats rounded to ``digits``, no index column."""
+def table(df: pd.DataFrame, digits: int = 3, caption: str | None = None):
+    """A table for reading: floats rounded to ``digits``, no index column, an optional caption."""
     floats = [c for c in df.columns if pd.api.types.is_float_dtype(df[c])]
-    return (
+    styled = (
         df.style.hide(axis="index")
         .format({c: f"{{:.{digits}f}}" for c in floats}, na_rep="–")
         .set_table_attributes('class="dataframe"')
     )
+    return styled.set_caption(caption) if caption else styled
 
 
 #: The packages whose versions a reader needs to reproduce the report.

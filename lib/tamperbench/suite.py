@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import attacks, data, models
+from . import attacks, data, metrics, models
 
 #: The norm each attack's perturbation is measured and budgeted in.
 ATTACK_NORM = {
@@ -58,33 +58,89 @@ def run_suite(
     return records
 
 
-def budget_label(budget: dict) -> str:
-    return ",".join(f"{k}={v}" for k, v in budget.items())
+def budget_label(budget: dict, name: str | None = None) -> str:
+    """``k=v`` pairs; with the attack's name, a None reads as what it means (``nb_grads=every class``)."""
+    params = attacks.spec(name).budget if name else {}
+    return ",".join(f"{k}={params[k].none_label if v is None and k in params else v}" for k, v in budget.items())
 
 
 def summary_row(record: attacks.AttackRecord) -> dict:
-    """One row of ``attacks.csv``. Norm means are over the successful adversarial examples."""
+    """One row of ``attacks.csv``. Norm means are over the successful adversarial examples.
+
+    ``kind`` separates fixed-budget attacks, whose success rate is a measurement, from
+    minimal-perturbation attacks, which succeed by construction and are judged by their norms.
+    Success rates come with a Wilson 95 % interval over the clean-correct images.
+    """
     ok = record.success
     spec = attacks.spec(record.name)
-    bound = spec.gradient_bound(record.budget) if spec.gradient_bound else None
+    correct = int(record.clean_correct.sum())
+    low, high = metrics.wilson_interval(int(ok.sum()), correct)
+    counted = record.iterations >= 0
     row = {
         "attack": record.name,
+        "kind": "fixed budget" if spec.fixed_budget else "minimal perturbation",
+        "box": spec.box,
         "norm": norm_of(record.name, record.budget),
-        "budget": budget_label(record.budget),
+        "budget": budget_label(record.budget, record.name),
         "n": len(record),
+        "n_success": int(ok.sum()),
         "success_rate": record.success_rate,
+        "success_low": low,
+        "success_high": high,
         "linf_mean": float(record.linf[ok].mean()) if ok.any() else np.nan,
         "l2_mean": float(record.l2[ok].mean()) if ok.any() else np.nan,
+        "l2_median": float(np.median(record.l2[ok])) if ok.any() else np.nan,
         "l0_mean": float(record.l0[ok].mean()) if ok.any() else np.nan,
         "seconds": round(record.seconds, 3),
         "images_per_second": round(len(record) / record.seconds, 2) if record.seconds > 0 else np.nan,
-        "queries_mean": record.queries if spec.box == "black" else np.nan,
-        "gradients_mean": record.gradients if spec.box == "white" else np.nan,
-        "gradient_bound": bound if bound is not None else np.nan,
+        "queries_per_image": record.queries if spec.box == "black" else np.nan,
+        "art_queries_per_image": record.art_queries if spec.box == "black" else np.nan,
+        "gradients_per_image": record.gradients if spec.box == "white" else np.nan,
+        "gradient_bound": record.gradient_bound,
         "grad_ms_per_image": round(1e3 * record.grad_seconds, 4),
         "cost_ratio": round(record.cost_ratio, 2),
+        "iterations_mean": float(record.iterations[counted].mean()) if counted.any() else np.nan,
+        "iterations_max": record.budget["max_iter"] if counted.any() else np.nan,
+        "note": spec.note,
     }
     return row
+
+
+def budget_checks(records: dict[str, attacks.AttackRecord], nb_classes: int) -> pd.DataFrame:
+    """Was each budget spent as configured? One row per attack.
+
+    - white box: gradients counted per image against the bound derived from ART's calls;
+    - Boundary: iterations each image really ran against ``max_iter``;
+    - every attack: budget values that cannot bind (:func:`attacks.unbound_parameters`).
+    """
+    rows = []
+    for name, r in records.items():
+        flags = attacks.unbound_parameters(name, r.budget, nb_classes)
+        white = np.isfinite(r.gradient_bound)
+        within = bool(r.gradients <= r.gradient_bound) if white else None
+        if within is False:
+            flags.append(f"{name}: {r.gradients:g} gradients per image, above the bound {r.gradient_bound:g}")
+        counted = r.iterations >= 0
+        its = r.iterations[counted]
+        no_start = int((its == 0).sum()) if r.budget.get("max_iter", 0) > 0 else 0
+        short = int(((its > 0) & (its < r.budget["max_iter"])).sum()) if counted.any() else 0
+        if no_start:
+            flags.append(f"{name}: no adversarial starting image found for {no_start} of {len(its)} images (raise init_size)")
+        if short:
+            flags.append(f"{name}: stopped before max_iter={r.budget['max_iter']} on {short} of {len(its)} images (raise num_trial)")
+        rows.append({
+            "attack": name,
+            "counted_per_image": r.gradients if white else r.queries,
+            "unit": "gradients" if white else "distinct queries",
+            "bound_per_image": r.gradient_bound,
+            "within_bound": within,
+            "iterations_run_mean": float(r.iterations[counted].mean()) if counted.any() else np.nan,
+            "images_stopped_early": short if counted.any() else np.nan,
+            "images_without_start": no_start if counted.any() else np.nan,
+            "spent_as_configured": not flags,
+            "problems": "; ".join(flags),
+        })
+    return pd.DataFrame(rows)
 
 
 def success_curve(record: attacks.AttackRecord, thresholds) -> pd.DataFrame:
