@@ -31,6 +31,43 @@ def split_halves(record: AttackRecord, seed: int = 0) -> tuple[np.ndarray, np.nd
     return np.flatnonzero(record.success & in_fit), np.flatnonzero(record.success & ~in_fit)
 
 
+def benchmark_params(name: str, seed: int, n_fit: int, detector_params: dict) -> dict:
+    """The parameters chapter 4 runs detector ``name`` with, so that later chapters rebuild the
+    same detector and hit its cached scores."""
+    base = {"seed": seed}
+    if name in detectors.ood.NAMES:
+        base["n_fit"] = n_fit
+    return {**base, **detector_params.get(name, {})}
+
+
+def fitted(name: str, params: dict, trained: models.Trained, train: data.Dataset, device: str = "auto"):
+    """(fitted detector, its score-cache key)."""
+    det = detectors.detector(name, device=device, **params).fit(trained, train)
+    return det, detector_key(name, params, trained)
+
+
+def choose_on_fit_half(candidates: dict[str, dict], trained: models.Trained, train: data.Dataset,
+                       record: AttackRecord, seed: int, device: str = "auto") -> tuple[str, pd.DataFrame]:
+    """The candidate (name → parameters) with the best AUROC on ``record``'s *fit* half.
+
+    The study's rule for every choice a later chapter makes (as PARTICUL's configuration and the
+    squeezers): the evaluation half is never looked at. Ties go to the first candidate.
+    """
+    fit_idx, _ = split_halves(record, seed)
+    if len(fit_idx) < 2:
+        raise ValueError(f"{record.name} succeeded on {len(fit_idx)} fit-half images; need ≥ 2 to choose")
+    rows = []
+    for name, params in candidates.items():
+        det, key = fitted(name, params, trained, train, device)
+        clean = cached_scores(det, key, record.x_clean[fit_idx])
+        adv = cached_scores(det, key, record.x_adv[fit_idx])
+        rows.append({"detector": name, "auroc_fit_half": metrics.detection_metrics(clean, adv)["auroc"],
+                     "n_fit_half": len(fit_idx)})
+    table = pd.DataFrame(rows)
+    best = table.loc[table.auroc_fit_half.idxmax(), "detector"]
+    return best, table.assign(chosen=table.detector == best)
+
+
 def detector_key(name: str, params: dict, trained: models.Trained) -> dict:
     return {"detector": name, "params": params, "model": model_digest(trained.model)}
 

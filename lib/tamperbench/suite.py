@@ -61,7 +61,7 @@ def run_suite(
 def budget_label(budget: dict, name: str | None = None) -> str:
     """``k=v`` pairs; with the attack's name, a None reads as what it means (``nb_grads=every class``)."""
     params = attacks.spec(name).budget if name else {}
-    return ",".join(f"{k}={params[k].none_label if v is None and k in params else v}" for k, v in budget.items())
+    return ", ".join(f"{k}={params[k].none_label if v is None and k in params else v}" for k, v in budget.items())
 
 
 def summary_row(record: attacks.AttackRecord) -> dict:

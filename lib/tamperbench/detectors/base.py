@@ -20,6 +20,32 @@ class DetectorError(ValueError):
     """Bad detector name, parameter or input, or ``score`` before ``fit``."""
 
 
+#: what ``score`` does with a sample it cannot judge
+INVALID_POLICIES = ("raise", "suspicious")
+
+
+def invalid_samples(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    """True for each sample with a non-finite value or a value outside [0, 1]."""
+    flat = torch.as_tensor(x).reshape(len(x), -1).double()
+    finite = torch.isfinite(flat).all(dim=1)
+    in_range = ((flat >= 0) & (flat <= 1)).all(dim=1)  # NaN compares False: counted as out of range too
+    return (~(finite & in_range)).numpy()
+
+
+def describe_invalid(x: torch.Tensor | np.ndarray, bad: np.ndarray, show: int = 5) -> str:
+    """One sentence naming the bad samples and what is wrong with them."""
+    flat = torch.as_tensor(x).reshape(len(x), -1).double()
+    idx = np.flatnonzero(bad)
+    nonfinite = [int(i) for i in idx if not torch.isfinite(flat[i]).all()]
+    out_of_range = [int(i) for i in idx if int(i) not in set(nonfinite)]
+    parts = []
+    if nonfinite:
+        parts.append(f"non-finite values (NaN or inf) in sample(s) {nonfinite[:show]}" + (" …" if len(nonfinite) > show else ""))
+    if out_of_range:
+        parts.append(f"values outside [0, 1] in sample(s) {out_of_range[:show]}" + (" …" if len(out_of_range) > show else ""))
+    return f"{len(idx)} of {len(x)} samples cannot be scored: " + "; ".join(parts)
+
+
 class Detector:
     """Base class: subclasses implement ``_fit`` and ``_score``."""
 
@@ -44,18 +70,34 @@ class Detector:
         self.trained = trained
         return self
 
-    def score(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
-        """Suspicion scores for images ``x`` (N×C×H×W in [0, 1]); higher = more suspicious."""
+    def score(self, x: torch.Tensor | np.ndarray, invalid: str = "raise") -> np.ndarray:
+        """Suspicion scores for images ``x`` (N×C×H×W in [0, 1]); higher = more suspicious.
+
+        Inputs come from outside, so a sample the detector cannot judge (a non-finite value, or
+        a value outside [0, 1]) is refused with one error naming the bad samples
+        (``invalid="raise"``), or scored +inf, the most suspicious, without reaching the model
+        (``invalid="suspicious"``).
+        """
         if not self.is_fitted:
             raise DetectorError(f"{self.name}: call fit(trained, clean_train) before score(x)")
+        if invalid not in INVALID_POLICIES:
+            raise DetectorError(f"{self.name}: unknown invalid={invalid!r}; valid: {', '.join(INVALID_POLICIES)}")
         x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
         if len(x) == 0:
             raise DetectorError(f"{self.name}: cannot score an empty input")
         expected = tuple(self.trained.input_shape)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise DetectorError(f"{self.name}: x must have shape (N, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
-        out = [self._score(x[i : i + self.batch_size].float().to(self.device)) for i in range(0, len(x), self.batch_size)]
-        return np.concatenate(out).astype(np.float64)
+        bad = invalid_samples(x)
+        if bad.any() and invalid == "raise":
+            raise DetectorError(f"{self.name}: {describe_invalid(x, bad)}; pass invalid='suspicious' to score them +inf instead")
+        good = torch.from_numpy(np.flatnonzero(~bad))
+        xs = x[good] if bad.any() else x
+        out = np.full(len(x), np.inf)
+        if len(xs):
+            scored = [self._score(xs[i : i + self.batch_size].float().to(self.device)) for i in range(0, len(xs), self.batch_size)]
+            out[good.numpy()] = np.concatenate(scored).astype(np.float64)
+        return out
 
     def _fit(self, trained: models.Trained, clean_train: data.Dataset, **kwargs) -> None:
         raise NotImplementedError
