@@ -58,3 +58,34 @@ def test_particul_chapters_report_the_grid_the_rule_and_both_configurations(ci_b
     detection = pd.read_csv(paths.results_dir("ci", "04_detection") / "detection.csv")
     assert {"particul", "particul_published"} <= set(detection.detector)
     assert "fpr80" in detection.columns
+
+
+@pytest.mark.slow
+def test_attack_chapter_counts_in_the_papers_units(ci_book):
+    res = paths.results_dir("ci", "02_attacks")
+    table = pd.read_csv(res / "attacks.csv")
+    assert set(table.kind) == {"fixed budget", "minimal perturbation"}
+    assert ((table.success_low <= table.success_rate) & (table.success_rate <= table.success_high)).all()
+    checks = pd.read_csv(res / "budget_checks.csv")
+    white = checks[checks.unit == "gradients"]
+    assert (white.counted_per_image <= white.bound_per_image).all()
+    black = table[table.box == "black"]
+    assert (black.queries_per_image <= black.art_queries_per_image).all()
+
+
+@pytest.mark.slow
+def test_tampered_datasets_chapter_writes_its_tables_and_keeps_its_populations_apart(ci_book):
+    res = paths.results_dir("ci", "05_tampered_datasets")
+    power = pd.read_csv(res / "batch_power.csv")
+    assert {"test", "detector", "attack", "n", "p", "batches", "power", "power_low", "power_high"} <= set(power.columns)
+    assert {"ks", "mann_whitney", "tail_count", "higher_criticism", "berk_jones", "mmd", "group_scan"} <= set(power.test)
+    assert ((power.power_low <= power.power) & (power.power <= power.power_high)).all()
+    flags = pd.read_csv(res / "flags.csv")
+    assert {"detector", "attack", "n", "p", "q", "fdr", "recall"} <= set(flags.columns)
+    assert flags[flags.p == 0].recall.isna().all()
+    fa = pd.read_csv(res / "false_alarms.csv")
+    assert set(fa.test) == set(power.test)
+    choice = pd.read_csv(res / "openood_choice.csv")
+    assert choice.chosen.sum() == 1 and (choice.n_fit_half > 0).all()  # chosen on the fit half, never evaluation
+    pops = pd.read_csv(res / "populations.csv").set_index("population")
+    assert pops.loc["calibration", "images"] >= 1000
