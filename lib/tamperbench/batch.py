@@ -441,6 +441,43 @@ def wilson_rows(rejections: np.ndarray) -> tuple[float, float, float]:
     return float(rej.mean()), low, high
 
 
+# --------------------------------------------------------------------------- for one incoming batch
+def _finite_scores(scores, what: str) -> np.ndarray:
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    bad = np.flatnonzero(~np.isfinite(s))
+    if len(bad):
+        raise BatchError(f"{what}: {len(bad)} of {len(s)} scores are not finite (samples {bad[:5].tolist()}"
+                         + (" …" if len(bad) > 5 else "") + "); score with invalid='suspicious' to count such inputs "
+                         "as tampered, or drop them")
+    if len(s) == 0:
+        raise BatchError(f"{what}: no scores")
+    return s
+
+
+def batch_pvalue(batch_scores, calibration_scores, test: str = "tail_count", null_batches: int = 1000,
+                 gamma: float = 0.001, seed: int = 0) -> float:
+    """The p-value of "this batch is clean" by one score test, calibrated as in chapter 5.
+
+    ``batch_scores``: a detector's scores of the incoming batch; ``calibration_scores``: its
+    scores of clean held-out data (never the data it was fitted on), many more than the batch.
+    """
+    if test not in SCORE_TESTS:
+        raise BatchError(f"unknown batch test {test!r}; valid score tests: {', '.join(SCORE_TESTS)} "
+                         "(mmd and group_scan work on features: see MMDBatches and group_scan_statistic)")
+    b = _finite_scores(batch_scores, "batch")
+    cal = _finite_scores(calibration_scores, "calibration")
+    null = score_nulls(cal, len(b), null_batches, seed, gamma, tests=(test,))[test]
+    stats = sample_stats(reference_for(cal, len(b), seed), b)
+    return float(null.pvalues(score_statistics(stats, np.arange(len(b))[None, :], gamma, tests=(test,))[test])[0])
+
+
+def flag_samples(batch_scores, calibration_scores, q: float = 0.1) -> np.ndarray:
+    """Which samples of the batch look tampered: BH at level q on their conformal p-values."""
+    b = _finite_scores(batch_scores, "batch")
+    u = conformal_pvalues(_finite_scores(calibration_scores, "calibration"), b)
+    return benjamini_hochberg(u[None, :], q)[0]
+
+
 # --------------------------------------------------------------------------- the simulation
 @dataclass
 class Simulation:
