@@ -16,6 +16,7 @@ The package is deliberately thin. Notebooks call it; each module does one job:
   that picks the study's default configuration;
 - :mod:`tamperbench.metrics`    detection metrics with bootstrap intervals;
 - :mod:`tamperbench.benchmark`  the per-sample detection benchmark, cached scores;
+- :mod:`tamperbench.batch`      tampered batches: calibrated batch tests, BH flags, the simulation;
 - :mod:`tamperbench.plots`      figures several chapters draw;
 - :mod:`tamperbench.results`    tidy CSV tables and PNG figures per notebook, with provenance;
 - :mod:`tamperbench.report`     what a chapter shows: parameters, glued numbers, tables;

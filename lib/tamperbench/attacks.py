@@ -431,14 +431,18 @@ class AttackRecord:
     linf: np.ndarray
     l2: np.ndarray
     l0: np.ndarray  # pixels (spatial positions) changed by more than L0_TOLERANCE
-    iterations: np.ndarray  # iterations run per image (Boundary), -1 where not counted
     seconds: float
     queries: float  # distinct inputs queried per image (the black-box papers' unit)
-    art_queries: float  # ART's predictions per image, repeats included
     gradients: float  # gradient evaluations per image (class or loss gradients)
-    gradient_bound: float  # the most gradients per image ART can make under the budget (NaN: black box)
     grad_seconds: float  # one forward+backward pass per image, timed just before the attack
     key: str = ""
+    iterations: np.ndarray | None = None  # iterations run per image (Boundary), -1 where not counted
+    art_queries: float = float("nan")  # ART's predictions per image, repeats included
+    gradient_bound: float = float("nan")  # the most gradients per image ART can make (NaN: black box)
+
+    def __post_init__(self):
+        if self.iterations is None:
+            self.iterations = np.full(len(self.y_true), -1, dtype=np.int64)
 
     _SCALARS = ("seconds", "queries", "art_queries", "gradients", "gradient_bound", "grad_seconds")
     _ARRAYS = ("x_clean", "x_adv", "y_true", "pred_clean", "pred_adv", "target", "success", "linf", "l2", "l0", "iterations")
