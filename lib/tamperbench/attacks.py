@@ -223,6 +223,28 @@ def hopskipjump_peak_evaluations(budget: dict) -> int:
     return int(budget["init_eval"] * math.sqrt(max(budget["max_iter"], 1)))
 
 
+def iteration_shortfall(iterations: np.ndarray, max_iter: int) -> tuple[np.ndarray, np.ndarray]:
+    """(no adversarial start, stopped early) masks over the images whose iterations were counted
+    (``iterations`` ≥ 0): an image that never started iterates 0 times."""
+    counted = iterations[iterations >= 0]
+    return (counted == 0) & (max_iter > 0), (counted > 0) & (counted < max_iter)
+
+
+def iteration_problems(name: str, budget: dict, iterations: np.ndarray) -> list[str]:
+    """Why an attack whose iterations are counted (Boundary) did not spend its budget."""
+    no_start, short = iteration_shortfall(iterations, budget["max_iter"])
+    problems = []
+    if no_start.any():
+        problems.append(f"{name}: no adversarial starting image found for {int(no_start.sum())} of "
+                        f"{len(no_start)} images; raise init_size={budget['init_size']}")
+    if short.any():
+        counted = iterations[iterations >= 0]
+        problems.append(f"{name}: the step-size search gave up before max_iter={budget['max_iter']} on "
+                        f"{int(short.sum())} of {len(short)} images (mean {counted[short].mean():.0f} iterations "
+                        f"run); raise num_trial={budget['num_trial']} to spend the budget")
+    return problems
+
+
 def unbound_parameters(name: str, budget: dict, nb_classes: int) -> list[str]:
     """Why values of a resolved budget cannot take effect (an empty list when all can)."""
     problems = []
@@ -612,17 +634,8 @@ class Attack:
                           f"{self.nb_classes} classes", AttackWarning, stacklevel=4)
 
     def _warn_if_boundary_stopped_early(self, iterations: np.ndarray) -> None:
-        max_iter = self.budget["max_iter"]
-        no_start, short = iterations == 0, (iterations > 0) & (iterations < max_iter)
-        if max_iter and no_start.any():
-            warnings.warn(f"boundary: no adversarial starting image found for {int(no_start.sum())} of "
-                          f"{len(iterations)} images; raise init_size={self.budget['init_size']}",
-                          AttackWarning, stacklevel=4)
-        if short.any():
-            warnings.warn(f"boundary: the step-size search gave up before max_iter={max_iter} on "
-                          f"{int(short.sum())} of {len(iterations)} images (mean {iterations[short].mean():.0f} "
-                          f"iterations run); raise num_trial={self.budget['num_trial']} to spend the budget",
-                          AttackWarning, stacklevel=4)
+        for problem in iteration_problems(self.name, self.budget, iterations):
+            warnings.warn(problem, AttackWarning, stacklevel=4)
 
     def _time_gradient(self, x: np.ndarray, repeats: int = 5) -> float:
         """Seconds per image of one forward+backward pass on a batch of ``x`` (median, warm)."""

@@ -107,31 +107,15 @@ class SampleStats:
     below: np.ndarray
     rank: np.ndarray
 
-    def take(self, idx: np.ndarray) -> "SampleStats":
-        return SampleStats(self.u[idx], self.below[idx], self.rank[idx])
 
-
-def sample_stats(calibration: np.ndarray, scores: np.ndarray, leave_one_out: bool = False) -> SampleStats:
-    """Per-sample statistics of ``scores`` against ``calibration``.
-
-    ``leave_one_out``: ``scores`` *are* the calibration scores (null batches are drawn from the
-    calibration set); each is then compared with the other n_cal − 1 points, as a new clean
-    sample would be.
-    """
+def sample_stats(calibration: np.ndarray, scores: np.ndarray) -> SampleStats:
+    """Per-sample statistics of ``scores`` against ``calibration``."""
     cal = np.sort(np.asarray(calibration, dtype=np.float64))
     s = np.asarray(scores, dtype=np.float64)
     less = np.searchsorted(cal, s, side="left").astype(np.float64)
     equal = np.searchsorted(cal, s, side="right") - less
     n = len(cal)
-    if leave_one_out:
-        equal = equal - 1.0  # itself
-        n -= 1
-    at_least = n - less
-    return SampleStats(u=(1.0 + at_least) / (1.0 + n), below=less / n, rank=(less + 0.5 * equal) / n)
-
-
-def _sorted_rows(a: np.ndarray) -> np.ndarray:
-    return np.sort(a, axis=1)
+    return SampleStats(u=(1.0 + n - less) / (1.0 + n), below=less / n, rank=(less + 0.5 * equal) / n)
 
 
 def score_statistics(stats: SampleStats, idx: np.ndarray, gamma: float = 0.001,
@@ -142,7 +126,7 @@ def score_statistics(stats: SampleStats, idx: np.ndarray, gamma: float = 0.001,
     u = stats.u[idx]
     out = {}
     if "ks" in tests:
-        below = _sorted_rows(stats.below[idx])
+        below = np.sort(stats.below[idx], axis=1)
         steps = np.arange(n, dtype=np.float64) / n  # F_batch just left of the i-th smallest score
         out["ks"] = np.maximum(0.0, (below - steps[None, :]).max(axis=1))
     if "mann_whitney" in tests:
@@ -505,10 +489,10 @@ class Simulation:
         if not 0 < self.alpha < 1 or not 0 < self.gamma < 1:
             raise BatchError(f"alpha and gamma must lie in (0, 1), got {self.alpha!r} and {self.gamma!r}")
 
-    def draws(self, n: int, p: float, n_clean: int, n_adv: int, stream: int) -> Batches:
+    def draws(self, n: int, p: float, n_clean: int, n_adv: int, stream: int, batches: int | None = None) -> Batches:
         """The batches of one grid point. p = 0 batches do not depend on the attack (same stream)."""
         p_key = int(round(p * 1e6))
-        return draw_batches(n_clean, n_adv, n, p, self.batches, [self.seed, n, p_key, stream if p > 0 else 0])
+        return draw_batches(n_clean, n_adv, n, p, batches or self.batches, [self.seed, n, p_key, stream if p > 0 else 0])
 
 
 def score_power(sim: Simulation, detector: str, calibration: np.ndarray, clean: np.ndarray,
@@ -520,13 +504,13 @@ def score_power(sim: Simulation, detector: str, calibration: np.ndarray, clean: 
     Returns (power rows, flag rows), tidy.
     """
     power_rows, flag_rows = [], []
+    both = {attack: np.r_[clean, adv] for attack, adv in adversarial.items()}
+    u_flags = {attack: conformal_pvalues(calibration, b) for attack, b in both.items()}  # the whole calibration set
     for n in sim.ns:
         reference = reference_for(calibration, n, sim.seed)
         nulls = score_nulls(calibration, n, sim.null_batches, [sim.seed, n, 7], sim.gamma)
         for a_idx, (attack, adv) in enumerate(adversarial.items()):
-            both = np.r_[clean, adv]
-            stats = sample_stats(reference, both)
-            u_flags = conformal_pvalues(calibration, both)  # flags use the whole calibration set
+            stats = sample_stats(reference, both[attack])
             for p in sim.ps:
                 b = sim.draws(n, p, len(clean), len(adv), a_idx + 1)
                 idx = np.c_[b.clean, len(clean) + b.adversarial]
@@ -538,7 +522,7 @@ def score_power(sim: Simulation, detector: str, calibration: np.ndarray, clean: 
                                        "power_high": high, "adversarial_population": len(adv),
                                        "repeats_adversarial": b.repeats_adversarial})
                 for q in sim.qs:
-                    flagged = benjamini_hochberg(u_flags[idx], q)
+                    flagged = benjamini_hochberg(u_flags[attack][idx], q)
                     fdp, recall = flag_quality(flagged, b.mask)
                     flag_rows.append({"detector": detector, "attack": attack, "n": n, "p": p, "q": q,
                                       "fdr": float(fdp.mean()), "recall": float(np.nanmean(recall)) if b.k else np.nan,
@@ -563,8 +547,7 @@ def feature_power(sim: Simulation, test: str, statistic, null_population: int, c
         at_zero = None
         for a_idx, (attack, (offset, size)) in enumerate(adversarial.items()):
             for p in sim.ps:
-                b = draw_batches(n_clean, size, n, p, batches,
-                                 [sim.seed, n, int(round(p * 1e6)), a_idx + 1 if p > 0 else 0])
+                b = sim.draws(n, p, n_clean, size, a_idx + 1, batches)
                 if b.k == 0 and at_zero is not None:
                     rejected = at_zero
                 else:

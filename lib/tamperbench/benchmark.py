@@ -117,8 +117,7 @@ def run_unsupervised(name: str, params: dict, trained: models.Trained, train: da
 
     ``label``: the detector's name in the rows (default ``name``), e.g. for two configurations
     of one method."""
-    det = detectors.detector(name, device=device, **params).fit(trained, train)
-    key = detector_key(name, params, trained)
+    det, key = fitted(name, params, trained, train, device)
     clean_all = cached_scores(det, key, pool.x)
     rows, curves = [], {}
     for attack, rec in records.items():

@@ -121,13 +121,9 @@ def budget_checks(records: dict[str, attacks.AttackRecord], nb_classes: int) -> 
         if within is False:
             flags.append(f"{name}: {r.gradients:g} gradients per image, above the bound {r.gradient_bound:g}")
         counted = r.iterations >= 0
-        its = r.iterations[counted]
-        no_start = int((its == 0).sum()) if r.budget.get("max_iter", 0) > 0 else 0
-        short = int(((its > 0) & (its < r.budget["max_iter"])).sum()) if counted.any() else 0
-        if no_start:
-            flags.append(f"{name}: no adversarial starting image found for {no_start} of {len(its)} images (raise init_size)")
-        if short:
-            flags.append(f"{name}: stopped before max_iter={r.budget['max_iter']} on {short} of {len(its)} images (raise num_trial)")
+        no_start, short = attacks.iteration_shortfall(r.iterations, r.budget.get("max_iter", 0))
+        if counted.any():
+            flags += attacks.iteration_problems(name, r.budget, r.iterations)
         rows.append({
             "attack": name,
             "counted_per_image": r.gradients if white else r.queries,
@@ -135,8 +131,8 @@ def budget_checks(records: dict[str, attacks.AttackRecord], nb_classes: int) -> 
             "bound_per_image": r.gradient_bound,
             "within_bound": within,
             "iterations_run_mean": float(r.iterations[counted].mean()) if counted.any() else np.nan,
-            "images_stopped_early": short if counted.any() else np.nan,
-            "images_without_start": no_start if counted.any() else np.nan,
+            "images_stopped_early": int(short.sum()) if counted.any() else np.nan,
+            "images_without_start": int(no_start.sum()) if counted.any() else np.nan,
             "spent_as_configured": not flags,
             "problems": "; ".join(flags),
         })

@@ -24,26 +24,28 @@ class DetectorError(ValueError):
 INVALID_POLICIES = ("raise", "suspicious")
 
 
+def _validity(x: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(all values finite, all values in [0, 1]) per sample; NaN fails both."""
+    flat = torch.as_tensor(x).reshape(len(x), -1).double()
+    return torch.isfinite(flat).all(dim=1).numpy(), ((flat >= 0) & (flat <= 1)).all(dim=1).numpy()
+
+
 def invalid_samples(x: torch.Tensor | np.ndarray) -> np.ndarray:
     """True for each sample with a non-finite value or a value outside [0, 1]."""
-    flat = torch.as_tensor(x).reshape(len(x), -1).double()
-    finite = torch.isfinite(flat).all(dim=1)
-    in_range = ((flat >= 0) & (flat <= 1)).all(dim=1)  # NaN compares False: counted as out of range too
-    return (~(finite & in_range)).numpy()
+    finite, in_range = _validity(x)
+    return ~(finite & in_range)
 
 
 def describe_invalid(x: torch.Tensor | np.ndarray, bad: np.ndarray, show: int = 5) -> str:
     """One sentence naming the bad samples and what is wrong with them."""
-    flat = torch.as_tensor(x).reshape(len(x), -1).double()
-    idx = np.flatnonzero(bad)
-    nonfinite = [int(i) for i in idx if not torch.isfinite(flat[i]).all()]
-    out_of_range = [int(i) for i in idx if int(i) not in set(nonfinite)]
+    finite, _ = _validity(x)
+    nonfinite, out_of_range = np.flatnonzero(bad & ~finite).tolist(), np.flatnonzero(bad & finite).tolist()
     parts = []
     if nonfinite:
         parts.append(f"non-finite values (NaN or inf) in sample(s) {nonfinite[:show]}" + (" …" if len(nonfinite) > show else ""))
     if out_of_range:
         parts.append(f"values outside [0, 1] in sample(s) {out_of_range[:show]}" + (" …" if len(out_of_range) > show else ""))
-    return f"{len(idx)} of {len(x)} samples cannot be scored: " + "; ".join(parts)
+    return f"{int(bad.sum())} of {len(x)} samples cannot be scored: " + "; ".join(parts)
 
 
 class Detector:
