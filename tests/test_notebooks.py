@@ -89,3 +89,21 @@ def test_tampered_datasets_chapter_writes_its_tables_and_keeps_its_populations_a
     assert choice.chosen.sum() == 1 and (choice.n_fit_half > 0).all()  # chosen on the fit half, never evaluation
     pops = pd.read_csv(res / "populations.csv").set_index("population")
     assert pops.loc["calibration", "images"] >= 1000
+
+
+@pytest.mark.slow
+def test_openood_chapter_writes_the_issue_tables_and_keeps_its_protocol(ci_book):
+    res = paths.results_dir("ci", "06_openood")
+    ood = pd.read_csv(res / "ood.csv")
+    assert list(ood.columns[:7]) == ["detector", "ood_set", "group", "auroc", "fpr95", "aupr_in", "aupr_out"]
+    assert set(ood.group) == {"near", "far", "covariate"}
+    assert {"particul", "particul_published", "msp", "knn"} <= set(ood.detector)
+    assert (ood.n_id == 2000).all()  # the ci profile's cap on the ID side
+    perturbation = pd.read_csv(res / "perturbation.csv")
+    assert list(perturbation.columns[:4]) == ["detector", "perturbation", "spearman", "flagged"]
+    wrong_way = ((perturbation.expected == "falls") & (perturbation.spearman >= -0.3)) | (
+        (perturbation.expected == "rises") & (perturbation.spearman <= 0.3)) | perturbation.spearman.isna()
+    assert (perturbation.flagged == wrong_way).all()
+    both = pd.read_csv(res / "ood_vs_adv.csv")
+    assert {"near_auroc", "far_auroc", "adversarial_auroc"} <= set(both.columns)
+    assert pd.read_csv(res / "skipped.csv").empty  # every cpu stand-in ships offline

@@ -17,6 +17,8 @@ The package is deliberately thin. Notebooks call it; each module does one job:
 - :mod:`tamperbench.metrics`    detection metrics with bootstrap intervals;
 - :mod:`tamperbench.benchmark`  the per-sample detection benchmark, cached scores;
 - :mod:`tamperbench.batch`      tampered batches: calibrated batch tests, BH flags, the simulation;
+- :mod:`tamperbench.openood`    the OpenOOD v1.5 protocol offline: OOD sets by group, published numbers;
+- :mod:`tamperbench.perturbations`  natural perturbations and the CODE perturbation benchmark;
 - :mod:`tamperbench.plots`      figures several chapters draw;
 - :mod:`tamperbench.results`    tidy CSV tables and PNG figures per notebook, with provenance;
 - :mod:`tamperbench.report`     what a chapter shows: parameters, glued numbers, tables;

@@ -110,6 +110,17 @@ def result_row(detector: str, attack: str, clean: np.ndarray, tampered: np.ndarr
             "n_clean": len(clean), "n_tampered": len(tampered), "supervised": supervised}
 
 
+def evaluation_scores(det: detectors.Detector, key: dict, pool: data.Dataset, records: dict[str, AttackRecord],
+                      seed: int, min_n: int = 2):
+    """Per attack with ≥ ``min_n`` successful evaluation-half examples: (attack, scores of their
+    clean originals, scores of the examples), from the score cache."""
+    clean_all = cached_scores(det, key, pool.x)
+    for attack, rec in records.items():
+        _, ev = split_halves(rec, seed)
+        if len(ev) >= min_n:
+            yield attack, clean_all[ev], cached_scores(det, key, rec.x_adv[ev])
+
+
 def run_unsupervised(name: str, params: dict, trained: models.Trained, train: data.Dataset, pool: data.Dataset,
                      records: dict[str, AttackRecord], seed: int, n_boot: int, device: str = "auto",
                      label: str | None = None):
@@ -118,15 +129,10 @@ def run_unsupervised(name: str, params: dict, trained: models.Trained, train: da
     ``label``: the detector's name in the rows (default ``name``), e.g. for two configurations
     of one method."""
     det, key = fitted(name, params, trained, train, device)
-    clean_all = cached_scores(det, key, pool.x)
     rows, curves = [], {}
-    for attack, rec in records.items():
-        _, ev = split_halves(rec, seed)
-        if len(ev) < 2:
-            continue
-        adv = cached_scores(det, key, rec.x_adv[ev])
-        rows.append(result_row(label or name, attack, clean_all[ev], adv, n_boot, seed, False))
-        curves[attack] = metrics.roc(clean_all[ev], adv)
+    for attack, clean, adv in evaluation_scores(det, key, pool, records, seed):
+        rows.append(result_row(label or name, attack, clean, adv, n_boot, seed, False))
+        curves[attack] = metrics.roc(clean, adv)
     seconds = time_per_image(det.score, pool.x[:256])
     return rows, curves, seconds
 

@@ -229,17 +229,18 @@ def set_dotted(params: dict, key: str, value: Any) -> None:
 #: Notebook parameters that name things of a registry: validated before any kernel starts.
 NAMED_PARAMETERS = {
     "unsupervised": "detector", "supervised": "detector", "detector_params": "detector",
-    "ood_sets": "dataset",
+    "ood_sets": "dataset", "near_ood": "dataset", "far_ood": "dataset",
+    "openood_methods": "detector", "openood_candidates": "detector", "covariate": "perturbation",
     "curve_attacks": "attack", "explain_attacks": "attack", "subset_attacks": "attack", "transfer_attacks": "attack",
 }
 
 
 def registry(kind: str) -> list[str]:
-    """The valid names of ``kind``: attack, detector, dataset or model."""
-    from . import attacks, data, detectors, models
+    """The valid names of ``kind``: attack, detector, dataset, model or perturbation."""
+    from . import attacks, data, detectors, models, perturbations
 
     return {"attack": attacks.available, "detector": detectors.available, "dataset": data.available,
-            "model": models.available}[kind]()
+            "model": models.available, "perturbation": perturbations.available}[kind]()
 
 
 def _check_names(params: Mapping[str, Any], where: str) -> None:

