@@ -40,3 +40,15 @@ def test_package_versions_and_machine():
     assert versions.set_index("package").version["torch"].startswith("2.")
     facts = report.machine()
     assert facts["cpu_cores"] >= 1 and facts["memory_gib"] > 0
+
+
+def test_glued_markdown_is_text_even_when_it_names_a_path(monkeypatch, tmp_path):
+    import myst_nb
+
+    glued = {}
+    monkeypatch.setattr(myst_nb, "glue", lambda name, value, display=True: glued.update({name: value}))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "none").write_text("a file that must not be read")
+    for text in (".", "none", "**bold** verdict."):
+        report.glue_md("verdict", text)
+        assert glued["verdict"].data == text

@@ -212,5 +212,5 @@ def test_list_names_what_exists(capsys):
     out = capsys.readouterr().out
     for expected in ("01_classifier: n_show=", "PROFILES (default: cpu): ci, cpu, gpu", "fgsm (white box",
                      "eps=0.1 [in [0, clip_max]]", "particul: num_parts=4", "lid *:", "fashion_mnist [id]",
-                     "mnist_subset [ood]"):
+                     "mnist_subset [ood]", "cifar10: near = cifar100, tin", "blur: Gaussian blur"):
         assert expected in out, expected

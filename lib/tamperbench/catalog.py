@@ -1,7 +1,7 @@
 """What exists: ``python -m tamperbench list``.
 
 Notebooks with their parameters, profiles, attacks with their budgets and valid ranges,
-detectors with their parameters, datasets with their roles. Read from the registries
+detectors with their parameters, datasets with their roles, OOD benchmarks and perturbations. Read from the registries
 themselves, so it never drifts from the code.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 
-from . import attacks, config, data, detectors
+from . import attacks, config, data, detectors, openood, perturbations
 
 
 def _detector_parameters(name: str) -> str:
@@ -53,4 +53,12 @@ def describe(cfg: config.StudyConfig | None = None) -> str:
     for name in data.available():
         spec = data.DATASETS[name]
         lines.append(f"  {name} [{spec.role}]: {spec.description}")
+    lines.append("")
+    lines.append("OOD BENCHMARKS (ID dataset: group = sets; chapter 6, tamperbench.openood)")
+    for id_name, groups in openood.BENCHMARKS.items():
+        lines.append(f"  {id_name}: " + "; ".join(f"{g} = {', '.join(sets)}" for g, sets in groups.items()))
+    lines.append("")
+    lines.append("PERTURBATIONS (magnitude; the CODE sweeps and the covariate-shift sets)")
+    for name, meaning in perturbations.KINDS.items():
+        lines.append(f"  {name}: {meaning}")
     return "\n".join(lines)

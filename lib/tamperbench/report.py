@@ -92,7 +92,9 @@ def glue_md(name: str, text: str) -> None:
     """Glue a Markdown phrase (a verdict, a list of names) for ``{glue:md}`name``` in prose."""
     from IPython.display import Markdown
 
-    glue(name, Markdown(text))
+    md = Markdown("")  # IPython reads a str naming an existing path (".", "none") as a file name
+    md.data = text
+    glue(name, md)
 
 
 def table(df: pd.DataFrame, digits: int = 3, caption: str | None = None, nowrap: bool = False):

@@ -275,3 +275,32 @@ def test_fitting_and_scoring_leave_the_global_random_state_alone(setup, name):
     det.score(test.x[:20])
     assert torch.equal(torch.get_rng_state(), torch_state), name
     assert np.array_equal(np.random.get_state()[1], np_state), name
+
+
+DIFFERENTIABLE = ["particul", "msp", "mds", "rmds", "ebo", "mls", "gen", "react", "ash", "knn", "vim", "she"]
+
+
+@pytest.mark.parametrize("name", DIFFERENTIABLE)
+def test_differentiable_scores_match_the_scores_and_carry_gradients(setup, name):
+    """What adaptive attacks differentiate is the detector's own score, with a usable gradient."""
+    trained, train, test = setup
+    params = {"particul": {"epochs": 1}, "knn": {"k": 5}, "vim": {"d": 16}}.get(name, {})
+    if name != "particul":
+        params["n_fit"] = 300
+    det = detector(name, device="cpu", **params).fit(trained, train)
+    x = test.x[:16].clone().requires_grad_(True)
+    s = det.torch_score(x)
+    assert np.allclose(s.detach().numpy(), det.score(test.x[:16]), rtol=1e-4, atol=1e-5)
+    (grad,) = torch.autograd.grad(s.sum(), x)
+    assert torch.isfinite(grad).all() and float(grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("name", ["odin", "subset_scan", "feature_squeezing"])
+def test_detectors_without_a_useful_gradient_say_so(setup, name):
+    trained, train, _ = setup
+    params = {"subset_scan": {"n_background": 100}}.get(name, {})
+    if name == "odin":
+        params["n_fit"] = 300
+    det = detector(name, device="cpu", **params).fit(trained, train)
+    with pytest.raises(DetectorError, match="no differentiable score"):
+        det.torch_score(torch.rand(2, 1, 28, 28))

@@ -101,6 +101,13 @@ class Detector:
             out[good.numpy()] = np.concatenate(scored).astype(np.float64)
         return out
 
+    def torch_score(self, x: torch.Tensor) -> torch.Tensor:
+        """The suspicion score as a differentiable function of ``x`` (N×C×H×W on the detector's
+        device), for adaptive attacks. Detectors whose score has no useful gradient do not
+        define it: an attack on them needs a surrogate (:mod:`tamperbench.adaptive`)."""
+        raise DetectorError(f"{self.name or type(self).__name__} has no differentiable score: attack it through a "
+                            "surrogate or a gradient-free attack")
+
     def _fit(self, trained: models.Trained, clean_train: data.Dataset, **kwargs) -> None:
         raise NotImplementedError
 

@@ -25,6 +25,7 @@ name          method (paper)                                          score
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Callable
 
@@ -57,6 +58,51 @@ def _builders() -> dict[str, tuple[Callable, bool]]:
 
 
 NAMES = ("msp", "odin", "mds", "rmds", "ebo", "mls", "gen", "react", "ash", "knn", "vim", "she")
+
+
+@contextlib.contextmanager
+def gradients_through_no_grad():
+    """Let gradients flow through code that pytorch-ood runs under ``torch.no_grad``.
+
+    pytorch-ood decorates most ``predict`` methods with ``@torch.no_grad()``, since a defender
+    never needs their gradient; an adaptive attacker differentiates through the very same code.
+    While this context is open, ``torch.no_grad`` (as a decorator or a ``with`` block) leaves
+    gradient tracking as it was. Not thread-safe: the patch is process-wide, for the duration.
+    """
+    cls = torch.no_grad
+    enter, exit_ = cls.__enter__, cls.__exit__
+    cls.__enter__ = lambda self: None
+    cls.__exit__ = lambda self, *args: None
+    try:
+        yield
+    finally:
+        cls.__enter__, cls.__exit__ = enter, exit_
+
+
+# pytorch-ood detaches the features of these methods (KNN even leaves torch for scikit-learn),
+# so their differentiable scores are written here from the fitted state, formula for formula
+def _mds_score(ood, z: torch.Tensor) -> torch.Tensor:
+    """−max_c −½ (z − μ_c)ᵀ P (z − μ_c), pytorch-ood's Mahalanobis score."""
+    f = z.view(len(z), z.size(1), -1).mean(2)
+    centred = f[:, None, :] - ood.mu[None]
+    return -(-0.5 * ((centred @ ood.precision) * centred).sum(-1)).max(1).values
+
+
+def _knn_score(ood, z: torch.Tensor) -> torch.Tensor:
+    """Distance of the normalised features to their k-th nearest fitted neighbour."""
+    bank = torch.as_tensor(ood.knn._fit_X, dtype=z.dtype, device=z.device)
+    dist = torch.cdist(ood._prepare(z), bank, compute_mode="donot_use_mm_for_euclid_dist")  # exact, as scikit-learn
+    return dist.topk(ood.k, dim=1, largest=False).values[:, -1]
+
+
+def _vim_score(ood, z: torch.Tensor) -> torch.Tensor:
+    """−(energy − α‖(z − u) R‖), R the residual subspace: pytorch-ood's ViM score."""
+    logits = z @ ood.w.T + ood.b
+    virtual = ((z - ood.u) @ ood.principal_subspace).norm(dim=-1) * ood.alpha
+    return virtual - torch.logsumexp(logits, dim=-1)
+
+
+DETACHED = {"mds": _mds_score, "knn": _knn_score, "vim": _vim_score}
 
 
 class Parts:
@@ -96,6 +142,19 @@ class PytorchOOD(Detector):
         if needs_fit:
             train = clean_train.take(self.n_fit, self.seed)
             self.ood.fit(train.loader(batch_size=self.batch_size))
+
+    def torch_score(self, x: torch.Tensor) -> torch.Tensor:
+        """pytorch-ood's outlier score, differentiable in ``x``. ODIN has none: its score already
+        contains a gradient step on the input, which an attack would have to differentiate
+        through (attack it with BPDA or a gradient-free attack)."""
+        if self.method == "odin":
+            return super().torch_score(x)
+        if self.ood is None:
+            raise DetectorError(f"{self.method}: call fit(trained, clean_train) before torch_score(x)")
+        if self.method in DETACHED:
+            return DETACHED[self.method](self.ood, self.ood.encoder(x.float()))
+        with gradients_through_no_grad():
+            return self.ood.predict(x)
 
     def _score(self, x: torch.Tensor) -> np.ndarray:
         if self.method == "odin":  # ODIN takes a gradient step on the input

@@ -441,11 +441,17 @@ class Particul(Detector):
         """Image-level in-distribution confidence in [0, 1] (1 − the suspicion score)."""
         return confidence_in_mode(self, x, mode)
 
+    def torch_score(self, x: torch.Tensor) -> torch.Tensor:
+        """1 − the image-level confidence, differentiable in ``x`` (the max over positions has a
+        subgradient, the logistic CDF and the softmax weights are smooth)."""
+        if not self.is_fitted:
+            raise DetectorError(f"{self.name}: call fit(trained, clean_train) before torch_score(x)")
+        logits, maps = self.net(x)
+        return 1.0 - image_confidence(self.decision.class_confidence(maps), logits, self.mode)
+
     def _score(self, x: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
-            logits, maps = self.net(x)
-            conf = image_confidence(self.decision.class_confidence(maps), logits, self.mode)
-        return (1.0 - conf).cpu().numpy()
+            return self.torch_score(x).cpu().numpy()
 
     def maxima(self, x: torch.Tensor) -> np.ndarray:
         """Raw maxima of every detector's map (N×C×P), the values calibration fits."""

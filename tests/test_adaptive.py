@@ -1,0 +1,94 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from tamperbench import adaptive
+
+
+def _toy(seed: int = 0):
+    """A linear 3-class classifier on 2×4×4 images, and a detector that scores the mean of the
+    first channel: an attack that brightens channel 0 is caught unless it adapts."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(32, 3))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.randn(3, 32))
+        model[1].bias.zero_()
+    score = lambda x: x[:, 0].mean((1, 2)) - x[:, 1].mean((1, 2))  # noqa: E731
+    x = torch.rand(64, 2, 4, 4, generator=torch.Generator().manual_seed(seed))
+    y = model(x).argmax(1)  # the classifier is right on its own labels
+    return model, score, x, y
+
+
+def test_orthogonal_gradients_are_orthogonal_to_each_other():
+    model, score, x, y = _toy()
+    g_c, g_d, _, _ = adaptive._gradients(model, score, x, y)
+    for a, b in ((adaptive.orthogonal_to(g_c, g_d), g_d), (adaptive.orthogonal_to(g_d, g_c), g_c)):
+        dots = (a.flatten(1) * b.flatten(1)).sum(1)
+        assert torch.allclose(dots, torch.zeros_like(dots), atol=1e-5)
+        assert a.flatten(1).norm(dim=1).min() > 0  # not trivially zero
+
+
+@pytest.mark.parametrize("mode", ["selective", "orthogonal"])
+def test_an_adaptive_attack_lowers_the_score_below_plain_pgd(mode):
+    model, score, x, y = _toy()
+    eps = 0.3
+    plain = adaptive.detector_aware_pgd(model, lambda v: torch.zeros(len(v)) + 0 * v.sum((1, 2, 3)), x, y, eps,
+                                        steps=40, mode="selective")  # a detector-blind PGD
+    aware = adaptive.detector_aware_pgd(model, score, x, y, eps, steps=40, mode=mode)
+    both = plain.misclassified & aware.misclassified
+    assert both.sum() > 20
+    assert float(score(aware.x_adv)[both].mean()) < float(score(plain.x_adv)[both].mean()) - 0.05
+    # every kept input stays in the ε-ball and the image range
+    assert float((aware.x_adv - x).abs().max()) <= eps + 1e-6
+    assert 0 <= float(aware.x_adv.min()) and float(aware.x_adv.max()) <= 1
+
+
+def test_the_composite_model_rejects_exactly_when_the_score_exceeds_tau():
+    model, score, x, _ = _toy()
+    s = score(x)
+    tau = float(s.median())
+    composite = adaptive.Composite(model, score, tau, beta=3.0)
+    with torch.no_grad():
+        rejected = composite(x).argmax(1) == 3
+    assert torch.equal(rejected, s > tau)
+    assert rejected.any() and (~rejected).any()
+    with pytest.raises(adaptive.AdaptiveError, match="beta must be > 0"):
+        adaptive.Composite(model, score, tau, beta=0.0)
+
+
+def test_threshold_at_fpr_flags_at_most_that_share_of_clean_scores():
+    clean = np.random.default_rng(0).normal(size=1000)
+    for fpr in (0.01, 0.05, 0.2):
+        tau = adaptive.threshold_at_fpr(clean, fpr)
+        assert (clean > tau).mean() <= fpr
+        assert (clean >= tau).mean() > fpr - 0.002  # and not far below it
+    with pytest.raises(adaptive.AdaptiveError, match=r"fpr must be in \(0, 1\)"):
+        adaptive.threshold_at_fpr(clean, 5)
+
+
+def test_metrics_and_the_worst_case_over_attacks():
+    correct_clean = np.array([1, 1, 1, 1, 0], bool)
+    accepted_clean = np.array([1, 1, 1, 0, 1], bool)
+    correct_adv = np.array([0, 0, 1, 0, 0], bool)
+    accepted_adv = np.array([1, 0, 1, 1, 1], bool)
+    m = adaptive.adaptive_metrics(correct_clean, accepted_clean, correct_adv, accepted_adv)
+    assert m["tpr"] == pytest.approx(1 / 4)  # of the four fooled inputs, one is rejected
+    assert m["attack_success_rate"] == pytest.approx(1 / 3)  # eligible: inputs 0–2; input 0 is broken
+    assert m["robust_accuracy_with_detection"] == pytest.approx(2 / 5)  # input 1 rejected, input 2 correct
+    # a second attack breaks input 2: the worst case keeps it broken
+    worst = adaptive.worst_case([(correct_adv, accepted_adv), (np.array([1, 1, 0, 1, 1], bool), np.ones(5, bool))])
+    assert adaptive.adaptive_metrics(correct_clean, accepted_clean, *worst)["robust_accuracy_with_detection"] == pytest.approx(1 / 5)
+
+
+def test_eps50_interpolates_where_robustness_halves():
+    assert adaptive.eps_at_half([0.1, 0.2, 0.3], [0.8, 0.4, 0.1], clean_robust=1.0) == pytest.approx(0.175)  # 0.8 → 0.4 between 0.1 and 0.2
+    assert np.isnan(adaptive.eps_at_half([0.1, 0.2], [0.9, 0.8], clean_robust=1.0))
+
+
+def test_bad_settings_name_the_valid_choices():
+    model, score, x, y = _toy()
+    with pytest.raises(adaptive.AdaptiveError, match="unknown mode 'greedy'; valid modes: naive, selective, orthogonal"):
+        adaptive.detector_aware_pgd(model, score, x, y, 0.1, mode="greedy")
+    with pytest.raises(adaptive.AdaptiveError, match="eps must be in"):
+        adaptive.detector_aware_pgd(model, score, x, y, 1.5)
