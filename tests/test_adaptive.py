@@ -6,16 +6,16 @@ import torch.nn as nn
 from tamperbench import adaptive
 
 
-def _toy(seed: int = 0):
-    """A linear 3-class classifier on 2×4×4 images, and a detector that scores the mean of the
+def _toy(seed: int = 0, size: int = 4):
+    """A linear 3-class classifier on 2×size×size images, and a detector that scores the mean of the
     first channel: an attack that brightens channel 0 is caught unless it adapts."""
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(32, 3))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(2 * size * size, 3))
     with torch.no_grad():
-        model[1].weight.copy_(torch.randn(3, 32))
+        model[1].weight.copy_(torch.randn(3, 2 * size * size))
         model[1].bias.zero_()
     score = lambda x: x[:, 0].mean((1, 2)) - x[:, 1].mean((1, 2))  # noqa: E731
-    x = torch.rand(64, 2, 4, 4, generator=torch.Generator().manual_seed(seed))
+    x = torch.rand(64, 2, size, size, generator=torch.Generator().manual_seed(seed))
     y = model(x).argmax(1)  # the classifier is right on its own labels
     return model, score, x, y
 
@@ -92,3 +92,60 @@ def test_bad_settings_name_the_valid_choices():
         adaptive.detector_aware_pgd(model, score, x, y, 0.1, mode="greedy")
     with pytest.raises(adaptive.AdaptiveError, match="eps must be in"):
         adaptive.detector_aware_pgd(model, score, x, y, 1.5)
+
+
+def test_the_gradient_free_check_finds_inputs_that_are_misclassified_and_accepted():
+    model, score, x, y = _toy(size=16)  # Square's patches need room
+    tau = float(score(x).quantile(0.95))
+    x_adv, wrong, accepted = adaptive.gradient_free_check(model, score, tau, x.numpy(), y.numpy(), eps=0.3, max_iter=60)
+    assert x_adv.shape == x.shape and np.abs(x_adv - x.numpy()).max() <= 0.3 + 1e-6
+    assert (wrong & accepted).mean() > 0.3  # the toy detector does not resist a query attack
+    with torch.no_grad():
+        assert np.array_equal(accepted, score(torch.as_tensor(x_adv)).numpy() <= tau)
+
+
+def test_the_soft_subset_scan_ranks_images_as_the_scan_does(data_root, fake_debian_fmnist):
+    from scipy.stats import spearmanr
+
+    from tamperbench import data, models
+    from tamperbench.detectors import detector
+
+    trained = models.train_or_load("smallcnn", "fashion_mnist", models.TrainConfig(epochs=1, batch_size=32), "cpu")
+    train, test = data.load("fashion_mnist", "train"), data.load("fashion_mnist", "test")
+    scan = detector("subset_scan", device="cpu", n_background=200).fit(trained, train)
+    x = test.x[:40].clone()
+    x[20:] = (x[20:] + 0.3 * torch.rand(20, 1, 28, 28, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    soft = adaptive.SoftSubsetScan(scan)
+    surrogate = soft(x)
+    assert spearmanr(surrogate.detach().numpy(), scan.score(x)).statistic > 0.8
+    xr = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(soft(xr).sum(), xr)
+    assert torch.isfinite(grad).all() and float(grad.abs().sum()) > 0
+
+
+def test_bpda_squeezing_keeps_the_score_and_passes_a_gradient(data_root, fake_debian_fmnist):
+    from tamperbench import data, models
+    from tamperbench.detectors import detector
+
+    trained = models.train_or_load("smallcnn", "fashion_mnist", models.TrainConfig(epochs=1, batch_size=32), "cpu")
+    train, test = data.load("fashion_mnist", "train"), data.load("fashion_mnist", "test")
+    squeeze = detector("feature_squeezing", device="cpu", bit_depth=1, median_window=2).fit(trained, train)
+    surrogate = adaptive.attack_score(squeeze)
+    x = test.x[:12].clone().requires_grad_(True)
+    s = surrogate(x)
+    assert np.allclose(s.detach().numpy(), squeeze.score(test.x[:12]), atol=1e-5)
+    (grad,) = torch.autograd.grad(s.sum(), x)
+    assert torch.isfinite(grad).all() and float(grad.abs().sum()) > 0
+    odin = detector("odin", device="cpu", n_fit=100).fit(trained, train)
+    with pytest.raises(adaptive.AdaptiveError, match="gradient_free_check"):
+        adaptive.attack_score(odin)
+
+
+def test_composite_apgd_seeks_misclassified_and_accepted_inputs():
+    model, score, x, y = _toy(size=8)
+    tau = float(score(x).quantile(0.5))
+    x_adv = torch.as_tensor(adaptive.composite_apgd(model, score, tau, x, y, eps=0.3, steps=30))
+    with torch.no_grad():
+        wrong, accepted = model(x_adv).argmax(1) != y, score(x_adv) <= tau
+    assert float((x_adv - x).abs().max()) <= 0.3 + 1e-6
+    assert float((wrong & accepted).float().mean()) > 0.5

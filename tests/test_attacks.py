@@ -11,10 +11,11 @@ def victim(data_root, fake_debian_fmnist):
     return trained, test.x.numpy(), test.y.numpy()
 
 
-def test_unknown_attack_lists_the_nine():
-    with pytest.raises(attacks.AttackError, match="valid attacks: fgsm, bim, pgd, deepfool, cw_l2, hopskipjump, boundary, pixel, square"):
+def test_unknown_attack_lists_the_valid_ones():
+    with pytest.raises(attacks.AttackError, match="valid attacks: fgsm, bim, pgd, deepfool, cw_l2, hopskipjump, boundary, pixel, "
+                                                  "apgd_ce, apgd_dlr, autoattack, square"):
         attacks.spec("fsgm")
-    assert len(attacks.available()) == 9
+    assert len(attacks.available()) == 12
 
 
 @pytest.mark.parametrize(
@@ -139,6 +140,9 @@ WHITE_BOX_TINY = {
     "pgd": {"eps": 0.2, "eps_step": 0.05, "max_iter": 3, "num_random_init": 2},
     "deepfool": {"max_iter": 4},
     "cw_l2": {"binary_search_steps": 2, "max_iter": 3},
+    "apgd_ce": {"eps": 0.2, "max_iter": 4, "nb_random_init": 2},
+    "apgd_dlr": {"eps": 0.2, "max_iter": 4},
+    "autoattack": {"eps": 0.05, "max_iter": 3, "square_queries": 10},
 }
 
 
@@ -150,6 +154,23 @@ def test_counted_gradients_never_exceed_the_bound(victim, name):
     rec = atk.generate(x[:6], y[:6])
     assert rec.gradient_bound == atk.gradient_bound
     assert 1 <= rec.gradients <= rec.gradient_bound
+
+
+@pytest.mark.parametrize("name, loss", [("apgd_ce", "cross_entropy"), ("apgd_dlr", "difference_logits_ratio")])
+def test_apgd_through_the_registry_matches_art(victim, name, loss):
+    """The registry's APGD is ART's, with the same loss, step and seed; only the counting differs."""
+    from art.attacks.evasion import AutoProjectedGradientDescent
+
+    trained, x, y = victim
+    budget = {"eps": 0.15, "max_iter": 6, "nb_random_init": 1}
+    rec = attacks.attack(name, trained, seed=3, batch_size=8, **budget).generate(x[:8], y[:8])
+    clf = attacks.wrap(trained.model, (1, 28, 28), 10, "cpu")
+    art = AutoProjectedGradientDescent(clf, norm=np.inf, eps=0.15, eps_step=0.15, max_iter=6, nb_random_init=1,
+                                       batch_size=8, loss_type=loss, verbose=False)
+    with attacks.contained_random_states(3):
+        x_art = art.generate(x[:8].astype(np.float32), y=np.eye(10, dtype=np.float32)[y[:8]])
+    assert np.allclose(rec.x_adv, x_art, atol=1e-6)
+    assert 1 <= rec.gradients <= rec.gradient_bound == 6  # counted through ART's own loss
 
 
 def test_the_bounds_follow_what_art_calls():

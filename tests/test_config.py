@@ -17,7 +17,7 @@ def test_the_study_configuration_is_valid():
     # optional shared parameters go only to the notebooks that declare them
     assert "attack_suite" not in params
     assert set(cfg.parameters("cpu", "02_attacks")["attack_suite"]) == {
-        "fgsm", "bim", "pgd", "deepfool", "cw_l2", "hopskipjump", "boundary", "pixel", "square"}
+        "fgsm", "bim", "pgd", "deepfool", "cw_l2", "hopskipjump", "boundary", "pixel", "square", "apgd_ce", "apgd_dlr", "autoattack"}
 
 
 def _write(tmp_path, body: str):

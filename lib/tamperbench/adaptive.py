@@ -69,6 +69,8 @@ def _gradients(model: nn.Module, score: Callable[[torch.Tensor], torch.Tensor], 
     x = x.detach().requires_grad_(True)
     logits = model(x)
     g_c = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), x)[0]
+    if score is None:  # a detector-blind attack
+        return g_c, torch.zeros_like(g_c), logits.detach(), torch.zeros(len(x), device=x.device)
     x2 = x.detach().requires_grad_(True)
     s = score(x2)
     g_d = -torch.autograd.grad(s.sum(), x2)[0]
@@ -85,53 +87,78 @@ class AdaptiveResult:
     iterations: int
 
 
-def detector_aware_pgd(model: nn.Module, score: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+def detector_aware_pgd(model: nn.Module, score: Callable[[torch.Tensor], torch.Tensor] | None, x: torch.Tensor,
                        y: torch.Tensor, eps: float, steps: int = 50, step_size: float | None = None,
-                       mode: str = "orthogonal", lam: float = 1.0, seed: int = 0,
-                       random_start: bool = True) -> AdaptiveResult:
+                       mode: str = "orthogonal", lam: float = 1.0, seed: int = 0, random_start: bool = True,
+                       tau: float | None = None, start: torch.Tensor | None = None) -> AdaptiveResult:
     """L∞ PGD against the classifier and the detector together (see the module docstring).
 
-    ``score(x)`` is the detector's differentiable suspicion score (N,). Returns, per input, the
-    misclassified iterate with the lowest score, or the last iterate when none was misclassified.
+    ``score(x)`` is the detector's differentiable suspicion score (N,); ``None`` gives plain PGD on
+    the classifier alone (the non-adaptive baseline). Returns, per input, the misclassified
+    iterate with the lowest score, or the last iterate when none was misclassified.
+
+    ``tau``: an input is done once it is misclassified with a score ≤ τ (the attacker's goal at
+    that threshold); later steps skip it, which is where most of the cost goes otherwise.
+    ``start``: a starting point inside the ε-ball (e.g. the result at a smaller ε).
     """
     if mode not in MODES:
         raise AdaptiveError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
-    if not 0 < eps <= 1:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps <= 1:
         raise AdaptiveError(f"eps must be in (0, 1] (images in [0, 1]), got {eps!r}")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise AdaptiveError(f"steps must be an int ≥ 1, got {steps!r}")
+    blind = score is None
+    score_fn = (lambda v: torch.zeros(len(v), device=v.device)) if blind else score
     alpha = step_size if step_size is not None else 2.5 * eps / steps  # Madry et al.'s rule of thumb
     model.eval()
     x0, y = x.detach().float(), y.long()
-    if random_start:
+    if start is not None:
+        x_cur = torch.min(torch.max(start.detach().float(), x0 - eps), x0 + eps).clamp(0, 1)
+    elif random_start:
         gen = torch.Generator().manual_seed(seed)
-        start = (torch.rand(x0.shape, generator=gen) * 2 - 1).to(x0.device) * eps
-        x_cur = (x0 + start).clamp(0, 1)
+        x_cur = (x0 + (torch.rand(x0.shape, generator=gen) * 2 - 1).to(x0.device) * eps).clamp(0, 1)
     else:
         x_cur = x0.clone()
     best_x, best_s = x_cur.clone(), torch.full((len(x0),), float("inf"), device=x0.device)
     ever = torch.zeros(len(x0), dtype=torch.bool, device=x0.device)
+    done = torch.zeros(len(x0), dtype=torch.bool, device=x0.device)
+    expand = (-1,) + (1,) * (x0.dim() - 1)
+
+    def keep(idx, xs, logits, s):
+        nonlocal best_x, best_s
+        wrong = logits.argmax(1) != y[idx]
+        better = wrong & (s < best_s[idx])
+        best_x[idx[better]], best_s[idx[better]] = xs[better], s[better]
+        ever[idx[wrong]] = True
+        if tau is not None:
+            done[idx[wrong & (s <= tau)]] = True
+        return wrong
+
     for _ in range(steps):
-        g_c, g_d, logits, s = _gradients(model, score, x_cur, y)
-        wrong = logits.argmax(1) != y
-        improved = wrong & (s < best_s)
-        best_x[improved], best_s[improved] = x_cur[improved], s[improved]
-        ever |= wrong
-        if mode == "naive":
+        idx = torch.nonzero(~done).squeeze(1)
+        if len(idx) == 0:
+            break
+        xs = x_cur[idx]
+        g_c, g_d, logits, s = _gradients(model, score, xs, y[idx])
+        wrong = keep(idx, xs, logits, s)
+        if blind:
+            g = g_c
+        elif mode == "naive":
             g = g_c + lam * g_d
         else:
             if mode == "orthogonal":
                 g_c, g_d = orthogonal_to(g_c, g_d), orthogonal_to(g_d, g_c)
-            g = torch.where(wrong.view(-1, *[1] * (x0.dim() - 1)), g_d, g_c)
-        x_cur = torch.min(torch.max(x_cur + alpha * g.sign(), x0 - eps), x0 + eps).clamp(0, 1).detach()
-    with torch.no_grad():  # the last iterate counts too
-        logits, s = model(x_cur), score(x_cur)
-    wrong = logits.argmax(1) != y
-    improved = wrong & (s < best_s)
-    best_x[improved], best_s[improved] = x_cur[improved], s[improved]
-    ever |= wrong
+            g = torch.where(wrong.view(expand), g_d, g_c)
+        stepped = xs + alpha * g.sign()
+        x_cur[idx] = torch.min(torch.max(stepped, x0[idx] - eps), x0[idx] + eps).clamp(0, 1).detach()
+    idx = torch.nonzero(~done).squeeze(1)
+    if len(idx):
+        with torch.no_grad():  # the last iterate counts too
+            keep(idx, x_cur[idx], model(x_cur[idx]), score_fn(x_cur[idx]))
     never = ~ever
-    best_x[never], best_s[never] = x_cur[never], s[never]
+    best_x[never] = x_cur[never]
+    with torch.no_grad():
+        best_s[never] = score_fn(x_cur[never]) if never.any() else best_s[never]
     return AdaptiveResult(best_x, best_s, ever, steps)
 
 
@@ -154,6 +181,28 @@ class Composite(nn.Module):
         z = self.model(x)
         reject = z.max(1).values + self.beta * (self.score(x) - self.tau)
         return torch.cat([z, reject[:, None]], 1)
+
+
+def composite_apgd(model: nn.Module, score: Callable[[torch.Tensor], torch.Tensor], tau: float, x: torch.Tensor,
+                   y: torch.Tensor, eps: float, steps: int = 50, seed: int = 0, beta: float = 1.0,
+                   batch_size: int = 128) -> np.ndarray:
+    """Targeted APGD (ART's, cross-entropy on the K+1 outputs) on :class:`Composite`, towards the
+    classifier's runner-up class on the clean input: misclassified *and* below the reject logit."""
+    from art.attacks.evasion import AutoProjectedGradientDescent
+
+    from .attacks import contained_random_states, wrap
+
+    x_np = x.detach().cpu().numpy().astype(np.float32)
+    with torch.no_grad():
+        logits = model(x.float())
+    k = logits.shape[1]
+    logits[torch.arange(len(x)), y.long()] = -float("inf")
+    target = logits.argmax(1).cpu().numpy()
+    clf = wrap(Composite(model, score, tau, beta).eval(), tuple(x.shape[1:]), k + 1, "cpu")
+    apgd = AutoProjectedGradientDescent(clf, norm=np.inf, eps=eps, eps_step=eps, max_iter=steps, targeted=True,
+                                        nb_random_init=1, batch_size=batch_size, loss_type=None, verbose=False)
+    with contained_random_states(seed):
+        return apgd.generate(x_np, y=np.eye(k + 1, dtype=np.float32)[target]).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -211,3 +260,191 @@ def eps_at_half(eps: np.ndarray, robust: np.ndarray, clean_robust: float) -> flo
         return 0.0
     e0, e1, r0, r1 = eps[i - 1], eps[i], robust[i - 1], robust[i]
     return float(e0 + (r0 - half) / (r0 - r1) * (e1 - e0)) if r0 != r1 else float(e1)
+
+
+# --------------------------------------------------------------------------- surrogates
+class SoftSubsetScan(nn.Module):
+    r"""A differentiable surrogate of per-image subset scanning (Berk–Jones, upper tail).
+
+    The true scan counts background activations above each node's value (a step function) and
+    maximises over thresholds (a max over a sort): its gradient is zero almost everywhere. The
+    surrogate smooths both steps:
+
+    - each node's empirical p-value from ``quantiles`` background quantiles and a sigmoid CDF,
+      :math:`\tilde p_j = \frac{1 + M \cdot \frac1Q \sum_q \sigma((b_{q,j} - a_j)/T_j)}{M + 1}`,
+      with :math:`T_j` a fraction ``softness`` of the node's background spread;
+    - the count of p-values below α as a sigmoid in log space, on a fixed grid of α, and the max
+      over the grid as a log-sum-exp.
+
+    Higher is more suspicious, as the detector's own score; the test checks that the two rank
+    images alike.
+    """
+
+    def __init__(self, detector, quantiles: int = 64, softness: float = 0.1, grid: int = 32, sharpness: float = 20.0):
+        super().__init__()
+        if detector.tails != "upper" or detector.scoring != "berk_jones":
+            raise AdaptiveError("the surrogate covers the upper-tail Berk–Jones scan (the study's default)")
+        bg = torch.as_tensor(detector.background, dtype=torch.float32)
+        self.trunk, self.m = detector.trunk, bg.shape[0]
+        probs = torch.linspace(0.5 / quantiles, 1 - 0.5 / quantiles, quantiles)
+        self.register_buffer("q", torch.quantile(bg, probs, dim=0))  # Q×J
+        spread = (bg.std(0) + 1e-3)
+        self.register_buffer("temp", softness * spread)
+        low = np.log(1.0 / (self.m + 1))
+        self.register_buffer("log_alpha", torch.linspace(low, float(np.log(detector.alpha_max)), grid))
+        self.sharpness = sharpness
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.trunk(x).flatten(1)  # N×J
+        above = torch.sigmoid((self.q[None] - a[:, None]) / self.temp).mean(1)  # N×J: share of background above
+        log_p = torch.log((1 + self.m * above) / (self.m + 1))
+        counts = torch.sigmoid(self.sharpness * (self.log_alpha[None, :, None] - log_p[:, None, :])).sum(-1)  # N×G
+        phi = counts * (-self.log_alpha)[None]
+        return torch.logsumexp(phi, dim=1)
+
+
+class BPDASqueezing(nn.Module):
+    """Feature squeezing whose squeezers pass the gradient straight through (BPDA, Athalye et al.,
+    ICML 2018): the forward pass is the detector's own score, the backward pass treats each
+    squeezer as the identity, as ART's NumPy preprocessors do."""
+
+    def __init__(self, detector):
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        det = self.detector
+        p = det.model(x).softmax(1)
+        distances = []
+        for squeeze in det.squeezers.values():
+            squeezed = torch.from_numpy(squeeze(x.detach().cpu().numpy()).astype(np.float32)).to(x.device)
+            through = x + (squeezed - x).detach()  # value: the squeezed image; gradient: the identity
+            distances.append((p - det.model(through).softmax(1)).abs().sum(1))
+        return torch.stack(distances).max(0).values
+
+
+def attack_score(detector) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What an adaptive attacker differentiates for ``detector``: its own differentiable score, or
+    the surrogate this module gives it (subset scanning: :class:`SoftSubsetScan`; feature
+    squeezing: :class:`BPDASqueezing`). A detector with neither is left to the gradient-free check."""
+    from .detectors.base import DetectorError
+
+    name = getattr(detector, "name", "")
+    if name == "subset_scan":
+        return SoftSubsetScan(detector)
+    if name == "feature_squeezing":
+        return BPDASqueezing(detector)
+    try:
+        probe = torch.rand(1, *detector.trained.input_shape, device=detector.device, requires_grad=True)
+        detector.torch_score(probe)
+    except DetectorError as exc:
+        raise AdaptiveError(f"{name or detector}: no gradient and no surrogate here ({exc}); use gradient_free_check") from None
+    return detector.torch_score
+
+
+def gradient_free_check(model: nn.Module, score: Callable[[torch.Tensor], torch.Tensor], tau: float,
+                        x: np.ndarray, y: np.ndarray, eps: float, max_iter: int = 200, seed: int = 0,
+                        beta: float = 1.0):
+    """Square attack (ART) on the composite model, whose success is "misclassified **and**
+    accepted": a detector that only hides its gradients is caught by an attack that needs none.
+
+    ``score`` needs no gradient here (a detector's plain ``score`` will do). ART hands its success
+    criterion only the predictions, so the attack runs on :class:`Composite`: its K+1 outputs say
+    both the class and the rejection. The loss it lowers is
+    :math:`\max(z_y, z_{K+1}) - \max_{j \ne y, j \le K} z_j`: a wrong class must beat the true
+    class *and* the rejection logit. Returns (adversarial images, misclassified, accepted).
+    """
+    from art.attacks.evasion import SquareAttack
+
+    from .attacks import contained_random_states, wrap
+
+    x = np.asarray(x, dtype=np.float32)
+    y = np.asarray(y, dtype=np.int64)
+    composite = Composite(model, score, tau, beta).eval()
+    with torch.no_grad():
+        k = int(model(torch.as_tensor(x[:1])).shape[1])
+    clf = wrap(composite, tuple(x.shape[1:]), k + 1, "cpu")
+
+    def criterion(y_pred: np.ndarray, y_onehot: np.ndarray) -> np.ndarray:  # True where it succeeded
+        label = y_pred.argmax(1)
+        return (label != y_onehot.argmax(1)) & (label != k)
+
+    def loss(x_batch: np.ndarray, y_onehot: np.ndarray) -> np.ndarray:
+        z = clf.predict(x_batch)
+        true = y_onehot.argmax(1)
+        rows = np.arange(len(z))
+        guard = np.maximum(z[rows, true], z[:, k])
+        others = z[:, :k].copy()
+        others[rows, true] = -np.inf
+        return guard - others.max(1)
+
+    attack = SquareAttack(clf, norm=np.inf, eps=eps, max_iter=max_iter, nb_restarts=1, adv_criterion=criterion,
+                          loss=loss, verbose=False, batch_size=128)
+    with contained_random_states(seed):
+        x_adv = attack.generate(x, y=np.eye(k + 1, dtype=np.float32)[y])
+    with torch.no_grad():
+        wrong = model(torch.as_tensor(x_adv)).argmax(1).numpy() != y
+        accepted = score(torch.as_tensor(x_adv)).cpu().numpy() <= tau
+    return x_adv, wrong, accepted
+
+
+# --------------------------------------------------------------------------- the chapter's battery
+#: the attacks run against every detector: the detector-blind PGD baseline, then the adaptive ones
+BATTERY = ("pgd", "selective", "orthogonal", "composite_apgd")
+CACHE_VERSION = 1
+
+
+def outcomes(model: nn.Module, score_np: Callable[[torch.Tensor], np.ndarray], taus: dict[float, float],
+             x_adv: np.ndarray | torch.Tensor, y: np.ndarray) -> dict:
+    """Per input: still classified correctly, and accepted at each FPR level's threshold."""
+    x_adv = torch.as_tensor(x_adv, dtype=torch.float32)
+    with torch.no_grad():
+        correct = model(x_adv).argmax(1).cpu().numpy() == np.asarray(y)
+    s = score_np(x_adv)
+    return {"correct": correct, "scores": s, **{fpr: s <= tau for fpr, tau in taus.items()}}
+
+
+def run_attack(attack: str, model: nn.Module, grad_score, tau: float, x: torch.Tensor, y: torch.Tensor, eps: float,
+               steps: int, seed: int, lam: float = 1.0) -> np.ndarray:
+    """One attack of the battery on (x, y) at ε; the adversarial images."""
+    if attack == "pgd":
+        return detector_aware_pgd(model, None, x, y, eps, steps, seed=seed).x_adv.numpy()
+    if attack in ("selective", "orthogonal"):
+        return detector_aware_pgd(model, grad_score, x, y, eps, steps, mode=attack, seed=seed, tau=tau).x_adv.numpy()
+    if attack == "naive":
+        return detector_aware_pgd(model, grad_score, x, y, eps, steps, mode="naive", lam=lam, seed=seed, tau=tau).x_adv.numpy()
+    if attack == "composite_apgd":
+        return composite_apgd(model, grad_score, tau, x, y, eps, steps, seed)
+    raise AdaptiveError(f"unknown attack {attack!r}; valid attacks: {', '.join(BATTERY)}, naive")
+
+
+def sweep_eps(attack: str, model: nn.Module, grad_score, score_np, tau: float, x: torch.Tensor, y: torch.Tensor,
+              eps_grid, steps: int, seed: int, key: dict, lam: float = 1.0) -> dict[float, np.ndarray]:
+    """The attack at every ε of ``eps_grid`` (ascending), cached. An input broken at a smaller ε
+    (misclassified, and accepted at τ; misclassified alone for the blind PGD) keeps that image at
+    the larger ones, where it is still inside the ball: only the others are attacked again."""
+    from . import cache
+    from .attacks import array_digest
+
+    eps_grid = sorted(float(e) for e in eps_grid)
+    x_np, y_np = x.numpy(), y.numpy()
+    out, previous = {}, x_np.copy()
+    broken = np.zeros(len(x_np), dtype=bool)
+    for i, eps in enumerate(eps_grid):
+        params = {"version": CACHE_VERSION, "code": cache.source_digest(), **key, "attack": attack, "eps_grid": eps_grid[: i + 1],
+                  "steps": steps, "seed": seed, "lam": lam, "tau": float(tau), "data": array_digest(x_np, y_np)}
+
+        def build(broken=broken, previous=previous, eps=eps):
+            x_adv = previous.copy()
+            todo = np.flatnonzero(~broken)
+            if len(todo):
+                idx = torch.from_numpy(todo)
+                x_adv[todo] = run_attack(attack, model, grad_score, tau, x[idx], y[idx], eps, steps, seed, lam)
+            return {"x_adv": x_adv.astype(np.float32)}
+
+        x_adv = cache.cached("adaptive", params, build, fmt="npz")["x_adv"]
+        out[eps] = x_adv
+        got = outcomes(model, score_np, {0: tau}, x_adv, y_np)
+        broken = ~got["correct"] & (got[0] | (attack == "pgd"))
+        previous = x_adv
+    return out

@@ -96,6 +96,8 @@ class AttackSpec:
     #: that succeeds by construction and is judged by the size of its perturbation
     fixed_budget: bool = True
     note: str = ""  # how this implementation differs from the paper, for chapter 2's table
+    #: fixed keyword arguments of the ART class (what distinguishes two registry names of one class)
+    art_kwargs: dict = field(default_factory=dict)
 
 
 EPS = Param(0.1, float, None, "in [0, clip_max]")  # checked against the clip range and norm
@@ -164,6 +166,40 @@ ATTACKS: dict[str, AttackSpec] = {
          "es": Param(1, int, lambda v: v in (0, 1), "0 (CMA-ES) or 1 (differential evolution)")}, True,
         note="differential evolution over th pixels (population 400); th > 1 is the few-pixel variant",
     ),
+    # APGD (Croce & Hein, ICML 2020): PGD whose step size halves at checkpoints where the loss
+    # stalls, with momentum; one gradient per iteration and restart
+    "apgd_ce": AttackSpec(
+        "AutoProjectedGradientDescent", "white", {"eps": EPS, "norm": NORM_INF_2, "max_iter": Param(100, int, _positive, "≥ 1"),
+         "eps_step": Param(None, float, _positive, "> 0, or null for eps (the paper's first step, 2·eps)", optional=True,
+                           none_label="eps"),
+         "nb_random_init": Param(1, int, _positive, "≥ 1")}, True,
+        lambda b, k: b["max_iter"] * b["nb_random_init"],
+        note="cross-entropy loss; ART's first step is 2·eps_step",
+        art_kwargs={"loss_type": "cross_entropy"},
+    ),
+    "apgd_dlr": AttackSpec(
+        "AutoProjectedGradientDescent", "white", {"eps": EPS, "norm": NORM_INF_2, "max_iter": Param(100, int, _positive, "≥ 1"),
+         "eps_step": Param(None, float, _positive, "> 0, or null for eps (the paper's first step, 2·eps)", optional=True,
+                           none_label="eps"),
+         "nb_random_init": Param(1, int, _positive, "≥ 1")}, True,
+        lambda b, k: b["max_iter"] * b["nb_random_init"],
+        note="difference-of-logits-ratio loss, invariant to the logits' scale; ART's first step is 2·eps_step",
+        art_kwargs={"loss_type": "difference_logits_ratio"},
+    ),
+    # AutoAttack (Croce & Hein 2020): the standard list run in turn, each attack on the images the
+    # previous ones left robust. ART's AutoAttack runs every listed attack untargeted first (so
+    # APGD-T would become untargeted) and ART has no FAB: the sequence is composed here from ART's
+    # APGD and Square. One gradient per APGD iteration, restart and target class
+    "autoattack": AttackSpec(
+        "AutoProjectedGradientDescent", "white",
+        {"eps": EPS, "norm": NORM_INF_2, "max_iter": Param(100, int, _positive, "≥ 1 (APGD iterations)"),
+         "nb_random_init": Param(1, int, _positive, "≥ 1"),
+         "n_target_classes": Param(9, int, _positive, "≥ 1 (APGD-T's target classes, at most classes − 1)"),
+         "square_queries": Param(5000, int, _positive, "≥ 1")}, False,
+        lambda b, k: (1 + min(b["n_target_classes"], k - 1)) * b["max_iter"] * b["nb_random_init"],
+        note="APGD-CE, then APGD-T (DLR, the top target classes), then Square, each on the images still robust; "
+             "the standard list also has FAB-T, which ART lacks (it rarely adds a success)",
+    ),
     "square": AttackSpec(
         "SquareAttack", "black",
         {"eps": EPS, "norm": NORM_INF_2, "max_iter": Param(100, int, _positive, "≥ 1"),
@@ -208,7 +244,7 @@ def resolve_budget(name: str, budget: dict, input_dim: int, clip_max: float = 1.
         limit = clip_max if out.get("norm", "inf") == "inf" else clip_max * math.sqrt(input_dim)
         if not 0 <= out["eps"] <= limit:
             raise AttackError(f"{name}: eps={out['eps']} is outside [0, {limit:g}] (clip range [0, {clip_max:g}], norm {out.get('norm', 'inf')})")
-        if "eps_step" in out and out["eps_step"] > out["eps"] > 0:
+        if out.get("eps_step") is not None and out["eps_step"] > out["eps"] > 0:
             raise AttackError(f"{name}: eps_step={out['eps_step']} must not exceed eps={out['eps']}")
     if out.get("max_eval") is not None and out["init_eval"] > out["max_eval"]:
         raise AttackError(f"{name}: init_eval={out['init_eval']} must not exceed max_eval={out['max_eval']}")
@@ -348,6 +384,55 @@ def seeded_fresh_random_states(seed: int):
         yield
     finally:
         np.random.RandomState = original
+
+
+class StandardAutoAttack:
+    """AutoAttack's standard sequence on one counting classifier, with ART's ``generate`` verb:
+    APGD-CE (untargeted), APGD-T (DLR loss, towards each of the top ``n_target_classes`` other
+    classes by the clean logits), Square; each attack runs only on the images still classified
+    correctly, and an image keeps the first perturbation that fools the classifier."""
+
+    def __init__(self, clf, budget: dict, nb_classes: int, batch_size: int, count_through):
+        self.clf, self.budget, self.nb_classes, self.batch_size = clf, budget, nb_classes, batch_size
+        self._count_through = count_through
+
+    def _apgd(self, loss: str, targeted: bool):
+        import art.attacks.evasion as evasion
+
+        b = self.budget
+        attack = evasion.AutoProjectedGradientDescent(
+            self.clf, norm=NORMS[b["norm"]], eps=b["eps"], eps_step=b["eps"], max_iter=b["max_iter"], targeted=targeted,
+            nb_random_init=b["nb_random_init"], batch_size=self.batch_size, loss_type=loss, verbose=False)
+        return self._count_through(attack, self.clf)
+
+    def generate(self, x: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
+        import art.attacks.evasion as evasion
+
+        b, clf = self.budget, self.clf
+        labels = y.argmax(1)
+        x_adv = x.copy()
+        robust = clf.predict(x, batch_size=512).argmax(1) == labels
+
+        def run(attack, y_attack):
+            idx = np.flatnonzero(robust)
+            if len(idx) == 0:
+                return
+            out = attack.generate(x_adv[idx], y=y_attack[idx]).astype(np.float32)
+            fooled = clf.predict(out, batch_size=512).argmax(1) != labels[idx]
+            x_adv[idx[fooled]] = out[fooled]
+            robust[idx[fooled]] = False
+
+        run(self._apgd("cross_entropy", False), y)
+        logits = clf.predict(x, batch_size=512)
+        logits[np.arange(len(x)), labels] = -np.inf
+        order = np.argsort(-logits, axis=1)  # the other classes, most likely first
+        apgd_t = self._apgd("difference_logits_ratio", True)
+        for t in range(min(b["n_target_classes"], self.nb_classes - 1)):
+            run(apgd_t, np.eye(self.nb_classes, dtype=np.float32)[order[:, t]])
+        square = evasion.SquareAttack(clf, norm=NORMS[b["norm"]], eps=b["eps"], max_iter=b["square_queries"],
+                                      nb_restarts=1, batch_size=self.batch_size, verbose=False)
+        run(square, y)
+        return x_adv
 
 
 def seed_everything(seed: int) -> None:
@@ -558,9 +643,27 @@ class Attack:
         shift = np.random.default_rng(self.seed).integers(1, self.nb_classes, len(y))
         return ((y + shift) % self.nb_classes).astype(np.int64)
 
+    @staticmethod
+    def _count_through(art_attack, clf):
+        """APGD with a named loss builds a fresh ART classifier around the same model: give its
+        loss to ours and point the attack back at ours, so that its gradients are counted."""
+        own = art_attack.estimator
+        if own is not clf:
+            clf._loss = own._loss
+            for flag in ("_reduce_labels", "_int_labels", "_probability_labels"):
+                if hasattr(own, flag):
+                    setattr(clf, flag, getattr(own, flag))
+            art_attack._estimator = clf
+        return art_attack
+
+    def _autoattack(self, clf):
+        return StandardAutoAttack(clf, self.budget, self.nb_classes, self.batch_size, self._count_through)
+
     def _art_attack(self, clf):
         import art.attacks.evasion as evasion
 
+        if self.name == "autoattack":
+            return self._autoattack(clf)
         kwargs = dict(self.budget)
         if self.name == "deepfool" and kwargs["nb_grads"] is None:
             kwargs["nb_grads"] = self.nb_classes
@@ -572,11 +675,11 @@ class Attack:
             kwargs["targeted"] = self.targeted
         if self.name != "pixel":  # ART's PixelAttack takes no batch size
             kwargs["batch_size"] = self.batch_size
-        if self.name == "fgsm":
+        if self.name == "fgsm" or ("eps_step" in kwargs and kwargs["eps_step"] is None):
             kwargs["eps_step"] = kwargs["eps"]
-        else:  # FGSM alone takes no verbose flag
+        if self.name != "fgsm":  # FGSM alone takes no verbose flag
             kwargs["verbose"] = False
-        return getattr(evasion, self.spec.art_class)(clf, **kwargs)
+        return self._count_through(getattr(evasion, self.spec.art_class)(clf, **{**kwargs, **self.spec.art_kwargs}), clf)
 
     def _run(self, x: np.ndarray, y: np.ndarray) -> dict:
         # the whole run, predictions included: ART's predict draws a DataLoader seed from torch

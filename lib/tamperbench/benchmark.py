@@ -68,6 +68,27 @@ def choose_on_fit_half(candidates: dict[str, dict], trained: models.Trained, tra
     return best, table.assign(chosen=table.detector == best)
 
 
+SQUEEZER_KEYS = ("bit_depth", "median_window", "nl_means")
+
+
+def study_squeezers(trained: models.Trained, records: dict[str, AttackRecord], selection_attack: str, seed: int,
+                    detector_params: dict, device: str = "auto") -> tuple[dict, list[dict], str]:
+    """(feature squeezing's squeezers, the candidates' table, the rule that chose them).
+
+    The authors chose squeezers per dataset: the profile's, when it names them; otherwise one bit
+    depth and one median size chosen on the fit half of the selection attack (never evaluation
+    data), as chapter 4 reports."""
+    given = {k: v for k, v in detector_params.get("feature_squeezing", {}).items() if k in SQUEEZER_KEYS}
+    if given:
+        return given, [], "set by the profile (the authors' squeezers for this dataset)"
+    from .particul_search import selection_set
+
+    x_clean, x_adv, _ = selection_set(records[selection_attack], seed)
+    squeezers, candidates = detectors.feature_squeezing.select_squeezers(trained, x_clean.numpy(), x_adv.numpy(), device)
+    return squeezers, candidates, (f"chosen on the fit half of {selection_attack} among every bit depth, median size and "
+                                   "(bit depth, median) pair, by the joint detector's AUROC")
+
+
 def detector_key(name: str, params: dict, trained: models.Trained) -> dict:
     return {"detector": name, "params": params, "model": model_digest(trained.model)}
 

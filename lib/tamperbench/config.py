@@ -230,7 +230,7 @@ def set_dotted(params: dict, key: str, value: Any) -> None:
 NAMED_PARAMETERS = {
     "unsupervised": "detector", "supervised": "detector", "detector_params": "detector",
     "ood_sets": "dataset", "near_ood": "dataset", "far_ood": "dataset",
-    "openood_methods": "detector", "openood_candidates": "detector", "covariate": "perturbation",
+    "openood_methods": "detector", "adaptive_detectors": "detector", "openood_candidates": "detector", "covariate": "perturbation",
     "curve_attacks": "attack", "explain_attacks": "attack", "subset_attacks": "attack", "transfer_attacks": "attack",
 }
 

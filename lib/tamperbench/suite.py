@@ -14,7 +14,7 @@ from . import attacks, data, metrics, models
 
 #: The norm each attack's perturbation is measured and budgeted in.
 ATTACK_NORM = {
-    "fgsm": "inf", "bim": "inf", "pgd": "inf", "square": "inf",
+    "fgsm": "inf", "bim": "inf", "pgd": "inf", "square": "inf", "apgd_ce": "inf", "apgd_dlr": "inf", "autoattack": "inf",
     "deepfool": "2", "cw_l2": "2", "hopskipjump": "2", "boundary": "2", "pixel": "0",
 }
 

@@ -304,3 +304,27 @@ def test_detectors_without_a_useful_gradient_say_so(setup, name):
     det = detector(name, device="cpu", **params).fit(trained, train)
     with pytest.raises(DetectorError, match="no differentiable score"):
         det.torch_score(torch.rand(2, 1, 28, 28))
+
+
+def test_lid_differentiates_against_its_fixed_reference_batch(setup):
+    trained, train, test = setup
+    shifted = test.x.clone()
+    shifted[:, :, 2:12, 2:12] = 1.0
+    det = detector("lid", device="cpu").fit(trained, train, x_clean=test.x[:50], x_adv=shifted[:50])
+    x = shifted[50:66].clone().requires_grad_(True)
+    s = det.torch_score(x)
+    assert np.allclose(s.detach().numpy(), det.score(shifted[50:66]), rtol=1e-4, atol=1e-4)
+    (grad,) = torch.autograd.grad(s.sum(), x)
+    assert torch.isfinite(grad).all() and float(grad.abs().sum()) > 0
+
+
+def test_kd_bu_differentiates_its_own_score(setup):
+    trained, train, test = setup
+    shifted = test.x.clone()
+    shifted[:, :, 2:12, 2:12] = 1.0
+    det = detector("kd_bu", device="cpu", mc_samples=5).fit(trained, train, x_clean=test.x[:50], x_adv=shifted[:50])
+    x = shifted[50:66].clone().requires_grad_(True)
+    s = det.torch_score(x)
+    assert np.allclose(s.detach().numpy(), det.score(shifted[50:66]), rtol=1e-3, atol=1e-3)
+    (grad,) = torch.autograd.grad(s.sum(), x)
+    assert torch.isfinite(grad).all() and float(grad.abs().sum()) > 0

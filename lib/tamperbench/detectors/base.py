@@ -212,3 +212,14 @@ class SupervisedDetector(Detector):
 
     def _score(self, x: torch.Tensor) -> np.ndarray:
         return self.regression.decision_function(self._features(x))
+
+    def torch_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The regression's features as a differentiable function of ``x`` (where defined)."""
+        return Detector.torch_score(self, x)  # the base class's "no differentiable score" error
+
+    def torch_score(self, x: torch.Tensor) -> torch.Tensor:
+        """The regression's decision function (standardise, then linear) on :meth:`torch_features`."""
+        feats = self.torch_features(x)
+        scaler, logistic = self.regression[0], self.regression[-1]
+        as_t = lambda a: torch.as_tensor(a, dtype=feats.dtype, device=feats.device)  # noqa: E731
+        return ((feats - as_t(scaler.mean_)) / as_t(scaler.scale_)) @ as_t(logistic.coef_[0]) + float(logistic.intercept_[0])

@@ -23,7 +23,7 @@ import torch
 from sklearn.neighbors import KernelDensity
 
 from .. import data, models
-from .base import DetectorError, SupervisedDetector, layer_outputs
+from .base import DetectorError, SupervisedDetector, layer_outputs, split
 
 
 #: candidate bandwidths for the held-out choice (features are post-ReLU penultimate activations)
@@ -69,6 +69,42 @@ class KDBU(SupervisedDetector):
             self.bandwidth, self.bandwidth_scores = choose_bandwidth(z, y, z_all[n_fit:], y_all[n_fit:])
         self.kdes = {int(c): KernelDensity(bandwidth=self.bandwidth).fit(z[y == c]) for c in np.unique(y)}
 
+    def _mc_dropout_probs(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """T softmax outputs with dropout on (BatchNorm in eval mode), on a forked, seeded RNG:
+        the same masks at every call, so that an attack differentiates the detector's own score."""
+        dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(self.seed)
+            for m in dropouts:
+                m.train()
+            try:
+                return torch.stack([model(x.to(self.device)).softmax(1) for _ in range(self.mc_samples)])
+            finally:
+                for m in dropouts:
+                    m.eval()
+
+    def torch_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(log KD, BU), differentiable in ``x``: the Gaussian KDE of the predicted class written
+        in torch over its fitted points, and Monte-Carlo dropout with the detector's fixed masks."""
+        model = self.trained.model
+        encoder, _ = split(model, self.layer)
+        z = encoder(x.float()).flatten(1)
+        with torch.no_grad():
+            pred = model(x.float()).argmax(1)
+        log_kd = torch.full((len(x),), -1e6, dtype=z.dtype, device=z.device)
+        for c, kde in self.kdes.items():
+            sel = pred == c
+            if sel.any():
+                bank = torch.as_tensor(np.asarray(kde.tree_.data), dtype=z.dtype, device=z.device)
+                h, d = float(kde.bandwidth), z.shape[1]
+                sq = torch.cdist(z[sel], bank, compute_mode="donot_use_mm_for_euclid_dist").pow(2)
+                norm = np.log(len(bank)) + 0.5 * d * np.log(2 * np.pi * h * h)
+                log_kd = log_kd.index_put((sel.nonzero().squeeze(1),), torch.logsumexp(-sq / (2 * h * h), 1) - norm)
+        probs = self._mc_dropout_probs(model, x.float())
+        bu = (probs ** 2).sum(-1).mean(0) - (probs.mean(0) ** 2).sum(-1)
+        return torch.stack([log_kd, bu], 1)
+
     def _features(self, x: torch.Tensor) -> np.ndarray:
         model = self.trained.model
         z = layer_outputs(model, x, [self.layer], self.device)[self.layer].numpy()
@@ -81,17 +117,7 @@ class KDBU(SupervisedDetector):
                 log_kd[sel] = kde.score_samples(z[sel])
         log_kd[~np.isin(pred, list(self.kdes))] = -1e6
         # MC dropout: dropout on, BatchNorm kept in eval mode, on a forked (then restored) RNG
-        dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
-        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(self.seed)
-            for m in dropouts:
-                m.train()
-            try:
-                with torch.no_grad():
-                    probs = torch.stack([model(x.to(self.device)).softmax(1) for _ in range(self.mc_samples)]).cpu()
-            finally:
-                for m in dropouts:
-                    m.eval()
+        with torch.no_grad():
+            probs = self._mc_dropout_probs(model, x).cpu()
         bu = (probs ** 2).sum(-1).mean(0) - (probs.mean(0) ** 2).sum(-1)
         return np.stack([log_kd, bu.numpy()], axis=1)

@@ -39,6 +39,18 @@ class LID(SupervisedDetector):
         ref = clean_train.take(self.n_reference, self.seed).x
         self.reference = layer_outputs(trained.model, ref, self.layers, self.device)
 
+    def torch_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-layer LID against the fixed reference batch, differentiable in ``x``: an adaptive
+        attacker sees the same neighbours as the detector (Athalye et al. 2018 fixed the batch)."""
+        cols, h = [], x.float()
+        for layer, block in self.trained.model.named_children():
+            h = block(h)
+            dist = torch.cdist(h.flatten(1), self.reference[layer].to(h.device))
+            dist = torch.where(dist > 0, dist, torch.full_like(dist, float("inf")))
+            near = dist.topk(self.k, dim=1, largest=False).values.clamp_min(1e-12)  # ascending
+            cols.append(-1.0 / (torch.log(near / near[:, -1:]).mean(1) - 1e-12))
+        return torch.stack(cols, 1)
+
     def _features(self, x: torch.Tensor) -> np.ndarray:
         acts = layer_outputs(self.trained.model, x, self.layers, self.device)
         cols = []
