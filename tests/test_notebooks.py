@@ -107,3 +107,19 @@ def test_openood_chapter_writes_the_issue_tables_and_keeps_its_protocol(ci_book)
     both = pd.read_csv(res / "ood_vs_adv.csv")
     assert {"near_auroc", "far_auroc", "adversarial_auroc"} <= set(both.columns)
     assert pd.read_csv(res / "skipped.csv").empty  # every cpu stand-in ships offline
+
+
+@pytest.mark.slow
+def test_adaptive_chapter_writes_its_table_with_the_worst_case(ci_book):
+    res = paths.results_dir("ci", "07_adaptive")
+    table = pd.read_csv(res / "adaptive.csv")
+    assert list(table.columns[:9]) == ["detector", "attack", "eps", "n", "tpr_at_fpr5", "attack_success_rate",
+                                       "robust_accuracy_with_detection", "iterations", "restarts"]
+    assert {"pgd", "selective", "orthogonal", "composite_apgd", "worst case"} <= set(table.attack)
+    # the worst case per input can only be at or below every single attack's robust accuracy
+    for (det, eps), rows in table.groupby(["detector", "eps"]):
+        worst = rows[rows.attack == "worst case"].robust_accuracy_with_detection.iloc[0]
+        assert worst <= rows[rows.attack != "worst case"].robust_accuracy_with_detection.min() + 1e-12, (det, eps)
+    assert (pd.read_csv(res / "adaptive_fpr1.csv").attack == "worst case").any()
+    thresholds = pd.read_csv(res / "thresholds.csv")
+    assert (thresholds.groupby("detector").tau.nunique() >= 1).all()

@@ -26,7 +26,7 @@ BENIGN_CONSOLE = ("Got invalid theme mode: . Resetting to auto",)
 LEFTOVER_MARKUP = ("{glue", "{cite", "{numref", "{doc}", "<Figure size", "<Axes:")
 #: The landing page (index.html forwards to intro.html) and a results page
 SCREENSHOTS = {"landing": "index", "results_04_detection": "04_detection", "results_05_tampered_datasets": "05_tampered_datasets",
-               "results_06_openood": "06_openood"}
+               "results_06_openood": "06_openood", "results_07_adaptive": "07_adaptive"}
 #: Chromium's flags for a closed network: no background connections, no first-run, no sandbox
 #: (tests run as root), a fresh profile.
 CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
