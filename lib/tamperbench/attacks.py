@@ -104,6 +104,20 @@ EPS = Param(0.1, float, None, "in [0, clip_max]")  # checked against the clip ra
 NORM_INF_2 = Param("inf", str, lambda v: v in NORMS, "one of: inf, 2")
 STEPS = Param(20, int, _positive, "≥ 1")
 
+def _apgd_spec(loss: str, note: str) -> AttackSpec:
+    """APGD with one of ART's named losses: the same budget, bound and ART class."""
+    return AttackSpec(
+        "AutoProjectedGradientDescent", "white",
+        {"eps": EPS, "norm": NORM_INF_2, "max_iter": Param(100, int, _positive, "≥ 1"),
+         "eps_step": Param(None, float, _positive, "> 0, or null for eps (the paper's first step, 2·eps)", optional=True,
+                           none_label="eps"),
+         "nb_random_init": Param(1, int, _positive, "≥ 1")}, True,
+        lambda b, k: b["max_iter"] * b["nb_random_init"],
+        note=f"{note}; ART's first step is 2·eps_step",
+        art_kwargs={"loss_type": loss},
+    )
+
+
 ATTACKS: dict[str, AttackSpec] = {
     "fgsm": AttackSpec(
         "FastGradientMethod", "white",
@@ -168,24 +182,8 @@ ATTACKS: dict[str, AttackSpec] = {
     ),
     # APGD (Croce & Hein, ICML 2020): PGD whose step size halves at checkpoints where the loss
     # stalls, with momentum; one gradient per iteration and restart
-    "apgd_ce": AttackSpec(
-        "AutoProjectedGradientDescent", "white", {"eps": EPS, "norm": NORM_INF_2, "max_iter": Param(100, int, _positive, "≥ 1"),
-         "eps_step": Param(None, float, _positive, "> 0, or null for eps (the paper's first step, 2·eps)", optional=True,
-                           none_label="eps"),
-         "nb_random_init": Param(1, int, _positive, "≥ 1")}, True,
-        lambda b, k: b["max_iter"] * b["nb_random_init"],
-        note="cross-entropy loss; ART's first step is 2·eps_step",
-        art_kwargs={"loss_type": "cross_entropy"},
-    ),
-    "apgd_dlr": AttackSpec(
-        "AutoProjectedGradientDescent", "white", {"eps": EPS, "norm": NORM_INF_2, "max_iter": Param(100, int, _positive, "≥ 1"),
-         "eps_step": Param(None, float, _positive, "> 0, or null for eps (the paper's first step, 2·eps)", optional=True,
-                           none_label="eps"),
-         "nb_random_init": Param(1, int, _positive, "≥ 1")}, True,
-        lambda b, k: b["max_iter"] * b["nb_random_init"],
-        note="difference-of-logits-ratio loss, invariant to the logits' scale; ART's first step is 2·eps_step",
-        art_kwargs={"loss_type": "difference_logits_ratio"},
-    ),
+    "apgd_ce": _apgd_spec("cross_entropy", "cross-entropy loss"),
+    "apgd_dlr": _apgd_spec("difference_logits_ratio", "difference-of-logits-ratio loss, invariant to the logits' scale"),
     # AutoAttack (Croce & Hein 2020): the standard list run in turn, each attack on the images the
     # previous ones left robust. ART's AutoAttack runs every listed attack untargeted first (so
     # APGD-T would become untargeted) and ART has no FAB: the sequence is composed here from ART's
