@@ -136,9 +136,39 @@ def test_bpda_squeezing_keeps_the_score_and_passes_a_gradient(data_root, fake_de
     assert np.allclose(s.detach().numpy(), squeeze.score(test.x[:12]), atol=1e-5)
     (grad,) = torch.autograd.grad(s.sum(), x)
     assert torch.isfinite(grad).all() and float(grad.abs().sum()) > 0
-    odin = detector("odin", device="cpu", n_fit=100).fit(trained, train)
-    with pytest.raises(adaptive.AdaptiveError, match="gradient_free_check"):
-        adaptive.attack_score(odin)
+    fitted_on = trained
+
+    class Opaque:  # a detector with neither a gradient nor a surrogate
+        name, device, trained = "opaque", "cpu", fitted_on
+
+        def torch_score(self, x):
+            from tamperbench.detectors.base import DetectorError
+
+            raise DetectorError("opaque has no differentiable score")
+
+    with pytest.raises(adaptive.AdaptiveError, match="opaque: no gradient and no surrogate.*gradient_free_check"):
+        adaptive.attack_score(Opaque())
+
+
+def test_the_feature_response_surrogate_keeps_the_score_and_tracks_its_entropy(data_root, fake_debian_fmnist):
+    from scipy.stats import spearmanr
+
+    from tamperbench import data, models
+    from tamperbench.detectors import detector
+
+    trained = models.train_or_load("smallcnn", "fashion_mnist", models.TrainConfig(epochs=1, batch_size=32), "cpu")
+    train, test = data.load("fashion_mnist", "train"), data.load("fashion_mnist", "test")
+    response = detector("feature_response", device="cpu").fit(trained, train)
+    surrogate = adaptive.attack_score(response)
+    x = test.x[:30].clone()
+    x[15:] = (x[15:] + 0.2 * torch.randn(15, 1, 28, 28, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    xr = x.clone().requires_grad_(True)
+    s = surrogate(xr)
+    assert np.allclose(s.detach().numpy(), response.score(x), atol=1e-6)  # the value is the detector's own score
+    (grad,) = torch.autograd.grad(s.sum(), xr)
+    assert torch.isfinite(grad).all() and float(grad.abs().sum()) > 0  # double backprop through the smooth response
+    soft = surrogate.soft_entropy(x).detach().numpy()
+    assert spearmanr(soft, response.score(x)).statistic > 0.6
 
 
 def test_composite_apgd_seeks_misclassified_and_accepted_inputs():
@@ -149,3 +179,73 @@ def test_composite_apgd_seeks_misclassified_and_accepted_inputs():
         wrong, accepted = model(x_adv).argmax(1) != y, score(x_adv) <= tau
     assert float((x_adv - x).abs().max()) <= 0.3 + 1e-6
     assert float((wrong & accepted).float().mean()) > 0.5
+
+
+def _broken(model, score, tau, x_adv, y):
+    x_adv = torch.as_tensor(x_adv)
+    with torch.no_grad():
+        return ((model(x_adv).argmax(1) != y) & (score(x_adv) <= tau)).numpy()
+
+
+def test_more_targets_and_restarts_only_break_more_inputs():
+    model, score, x, y = _toy(size=8)
+    tau = float(score(x).quantile(0.1))  # a strict detector and few steps: one target or start leaves inputs robust
+    one = _broken(model, score, tau, adaptive.composite_apgd(model, score, tau, x, y, eps=0.1, steps=3, targets=1), y)
+    two = _broken(model, score, tau, adaptive.composite_apgd(model, score, tau, x, y, eps=0.1, steps=3, targets=2), y)
+    assert not (one & ~two).any() and two.sum() > one.sum()  # the second target breaks more, never fewer
+    pgd1 = _broken(model, score, tau, adaptive.run_attack("selective", model, score, tau, x, y, 0.1, 3, 0), y)
+    pgd2 = _broken(model, score, tau, adaptive.run_attack("selective", model, score, tau, x, y, 0.1, 3, 0, restarts=3), y)
+    assert not (pgd1 & ~pgd2).any() and pgd2.sum() > pgd1.sum()
+    with pytest.raises(adaptive.AdaptiveError, match=r"targets must be an int in \[1, 2\]"):
+        adaptive.composite_apgd(model, score, tau, x, y, eps=0.1, targets=3)
+    with pytest.raises(adaptive.AdaptiveError, match="restarts must be an int"):
+        adaptive.run_attack("selective", model, score, tau, x, y, 0.1, 3, 0, restarts=0)
+
+
+def test_the_convergence_check_attacks_only_robust_inputs_and_never_raises_robustness(data_root):
+    model, score, x, y = _toy(size=8)
+    tau = float(score(x).quantile(0.3))
+    score_np = lambda v: score(torch.as_tensor(v)).detach().numpy()  # noqa: E731
+    first = adaptive.run_attack("selective", model, score, tau, x, y, 0.1, 2, 0)
+    robust = ~_broken(model, score, tau, first, y)
+    got = adaptive.convergence_check(["selective", "orthogonal"], model, score, score_np, tau, x, y, 0.1, 2, 0,
+                                     {"toy": 1}, robust)
+    assert got["as_run"] == pytest.approx(robust.mean())
+    assert got["twice_iterations"] <= got["as_run"] and got["twice_restarts"] <= got["as_run"]
+    assert got["twice_iterations"] < got["as_run"]  # two steps were not enough: the check says so
+    everything = adaptive.convergence_check(["selective"], model, score, score_np, tau, x, y, 0.1, 2, 0, {"toy": 1},
+                                            np.zeros(len(x), dtype=bool))
+    assert everything == {"as_run": 0.0, "twice_iterations": 0.0, "twice_restarts": 0.0}
+
+
+def test_the_cascade_attacks_only_what_earlier_attacks_and_budgets_left_robust(data_root, monkeypatch):
+    model, score, x, y = _toy(size=8)
+    tau = float(score(x).quantile(0.2))
+    score_np = lambda v: score(torch.as_tensor(v)).detach().numpy()  # noqa: E731
+    calls = []
+    run = adaptive.run_attack
+    monkeypatch.setattr(adaptive, "run_attack", lambda attack, m, g, t, xs, *a, **kw: calls.append((attack, len(xs))) or run(attack, m, g, t, xs, *a, **kw))
+    out = adaptive.cascade(["selective", "orthogonal"], model, score, score_np, tau, x, y, [0.05, 0.1], 5, 0, {"toy": 1})
+    broken = {e: {a: _broken(model, score, tau, v, y) for a, v in d.items()} for e, d in out.items()}
+    assert calls[0] == ("selective", len(x))
+    assert calls[1] == ("orthogonal", int((~broken[0.05]["selective"]).sum()))  # only the robust ones
+    assert calls[2] == ("selective", int((~broken[0.05]["orthogonal"]).sum()))  # carried over to the larger ε
+    assert not (broken[0.05]["selective"] & ~broken[0.05]["orthogonal"]).any()  # never un-broken
+    assert not (broken[0.05]["orthogonal"] & ~broken[0.1]["selective"]).any()
+    assert float(np.abs(out[0.1]["orthogonal"] - x.numpy()).max()) <= 0.1 + 1e-6
+    again = adaptive.cascade(["selective", "orthogonal"], model, score, score_np, tau, x, y, [0.05, 0.1], 5, 0, {"toy": 1})
+    assert len(calls) == 4 and np.array_equal(again[0.1]["orthogonal"], out[0.1]["orthogonal"])  # cached
+
+
+def test_the_gradient_free_check_scores_each_distinct_image_once():
+    model, score, x, y = _toy(size=16)
+    tau = float(score(x).quantile(0.95))
+    scored = []
+
+    def counting(v):
+        scored.append(len(v))
+        return score(v)
+
+    adaptive.gradient_free_check(model, counting, tau, x.numpy(), y.numpy(), eps=0.3, max_iter=30)
+    # Square asks for up to three scores per input and iteration; each new image costs one
+    assert sum(scored) <= len(x) * (30 + 3)

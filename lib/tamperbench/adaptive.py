@@ -64,6 +64,17 @@ def orthogonal_to(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (fa - coef * fb).view_as(a)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters live (the CPU for a model without any)."""
+    return next(iter(model.parameters()), torch.zeros(0)).device
+
+
+def restart_seed(seed: int, restart: int) -> int:
+    """The seed of restart ``restart`` (0 is the first run): far apart, so that no two restarts
+    or targets of one attack share a random start."""
+    return int(seed) + 7919 * int(restart)
+
+
 def _gradients(model: nn.Module, score: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor):
     """(classifier-loss gradient, minus the score's gradient, logits, scores), per sample."""
     x = x.detach().requires_grad_(True)
@@ -111,9 +122,10 @@ def detector_aware_pgd(model: nn.Module, score: Callable[[torch.Tensor], torch.T
     score_fn = (lambda v: torch.zeros(len(v), device=v.device)) if blind else score
     alpha = step_size if step_size is not None else 2.5 * eps / steps  # Madry et al.'s rule of thumb
     model.eval()
-    x0, y = x.detach().float(), y.long()
+    dev = model_device(model)
+    x0, y = x.detach().float().to(dev), y.long().to(dev)
     if start is not None:
-        x_cur = torch.min(torch.max(start.detach().float(), x0 - eps), x0 + eps).clamp(0, 1)
+        x_cur = torch.min(torch.max(start.detach().float().to(dev), x0 - eps), x0 + eps).clamp(0, 1)
     elif random_start:
         gen = torch.Generator().manual_seed(seed)
         x_cur = (x0 + (torch.rand(x0.shape, generator=gen) * 2 - 1).to(x0.device) * eps).clamp(0, 1)
@@ -159,7 +171,7 @@ def detector_aware_pgd(model: nn.Module, score: Callable[[torch.Tensor], torch.T
     best_x[never] = x_cur[never]
     with torch.no_grad():
         best_s[never] = score_fn(x_cur[never]) if never.any() else best_s[never]
-    return AdaptiveResult(best_x, best_s, ever, steps)
+    return AdaptiveResult(best_x.cpu(), best_s.cpu(), ever.cpu(), steps)
 
 
 class Composite(nn.Module):
@@ -185,24 +197,47 @@ class Composite(nn.Module):
 
 def composite_apgd(model: nn.Module, score: Callable[[torch.Tensor], torch.Tensor], tau: float, x: torch.Tensor,
                    y: torch.Tensor, eps: float, steps: int = 50, seed: int = 0, beta: float = 1.0,
-                   batch_size: int = 128) -> np.ndarray:
-    """Targeted APGD (ART's, cross-entropy on the K+1 outputs) on :class:`Composite`, towards the
-    classifier's runner-up class on the clean input: misclassified *and* below the reject logit."""
+                   batch_size: int = 128, targets: int | None = None, restarts: int = 1) -> np.ndarray:
+    """Targeted APGD (ART's, cross-entropy on the K+1 outputs) on :class:`Composite`: misclassified
+    *and* below the reject logit.
+
+    Each wrong class is a target in turn, the most likely on the clean input first (``targets``:
+    how many; None: all K − 1, as AutoAttack's APGD-T); a target is tried only on the inputs that
+    no earlier target broke. ``restarts``: APGD's random restarts per target. Returns the
+    adversarial images (for an input no target broke, the first target's result)."""
     from art.attacks.evasion import AutoProjectedGradientDescent
 
     from .attacks import contained_random_states, wrap
 
+    dev = model_device(model)
     x_np = x.detach().cpu().numpy().astype(np.float32)
+    y_np = np.asarray(y.cpu() if isinstance(y, torch.Tensor) else y, dtype=np.int64)
     with torch.no_grad():
-        logits = model(x.float())
+        logits = model(x.float().to(dev)).cpu()
     k = logits.shape[1]
-    logits[torch.arange(len(x)), y.long()] = -float("inf")
-    target = logits.argmax(1).cpu().numpy()
-    clf = wrap(Composite(model, score, tau, beta).eval(), tuple(x.shape[1:]), k + 1, "cpu")
+    targets = k - 1 if targets is None else targets
+    if isinstance(targets, bool) or not isinstance(targets, int) or not 1 <= targets <= k - 1:
+        raise AdaptiveError(f"targets must be an int in [1, {k - 1}] (the wrong classes) or None for all, got {targets!r}")
+    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
+        raise AdaptiveError(f"restarts must be an int ≥ 1, got {restarts!r}")
+    logits[torch.arange(len(x)), torch.as_tensor(y_np)] = -float("inf")
+    ranked = logits.argsort(1, descending=True)[:, :targets].numpy()  # the wrong classes, most likely first
+    clf = wrap(Composite(model, score, tau, beta).eval(), tuple(x.shape[1:]), k + 1, dev.type)
     apgd = AutoProjectedGradientDescent(clf, norm=np.inf, eps=eps, eps_step=eps, max_iter=steps, targeted=True,
-                                        nb_random_init=1, batch_size=batch_size, loss_type=None, verbose=False)
-    with contained_random_states(seed):
-        return apgd.generate(x_np, y=np.eye(k + 1, dtype=np.float32)[target]).astype(np.float32)
+                                        nb_random_init=restarts, batch_size=batch_size, loss_type=None, verbose=False)
+    x_adv, broken = x_np.copy(), np.zeros(len(x_np), dtype=bool)
+    for t in range(targets):
+        todo = np.flatnonzero(~broken)
+        if len(todo) == 0:
+            break
+        with contained_random_states(restart_seed(seed, t)):
+            got = apgd.generate(x_np[todo], y=np.eye(k + 1, dtype=np.float32)[ranked[todo, t]]).astype(np.float32)
+        label = clf.predict(got).argmax(1)
+        ok = (label != y_np[todo]) & (label != k)
+        keep = np.ones(len(todo), dtype=bool) if t == 0 else ok
+        x_adv[todo[keep]] = got[keep]
+        broken[todo[ok]] = True
+    return x_adv
 
 
 # --------------------------------------------------------------------------- metrics
@@ -280,7 +315,7 @@ class SoftSubsetScan(nn.Module):
     images alike.
     """
 
-    def __init__(self, detector, quantiles: int = 64, softness: float = 0.1, grid: int = 32, sharpness: float = 20.0):
+    def __init__(self, detector, quantiles: int = 16, softness: float = 0.1, grid: int = 32, sharpness: float = 20.0):
         super().__init__()
         if detector.tails != "upper" or detector.scoring != "berk_jones":
             raise AdaptiveError("the surrogate covers the upper-tail Berk–Jones scan (the study's default)")
@@ -323,23 +358,126 @@ class BPDASqueezing(nn.Module):
         return torch.stack(distances).max(0).values
 
 
+class _GuidedSoftplus(torch.autograd.Function):
+    """Softplus forward; guided backward (only positive gradients pass), written in differentiable
+    operations so that the response it produces can itself be differentiated."""
+
+    @staticmethod
+    def forward(ctx, x, beta):
+        ctx.save_for_backward(x)
+        ctx.beta = beta
+        return F.softplus(x, beta=beta)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad.clamp(min=0) * torch.sigmoid(ctx.beta * x), None
+
+
+class _GuidedSoftplusModule(nn.Module):
+    def __init__(self, beta: float):
+        super().__init__()
+        self.beta = beta
+
+    def forward(self, x):
+        return _GuidedSoftplus.apply(x, self.beta)
+
+
+class FeatureResponseSurrogate(nn.Module):
+    r"""A differentiable stand-in for the feature-response entropy (double backpropagation).
+
+    The detector's score has no useful gradient: a ReLU network's guided-backprop response is
+    piecewise constant in :math:`x`, and the grey levels are rounded and counted. The surrogate
+    replaces each ReLU by a softplus of sharpness ``beta`` whose backward pass is still guided (the
+    smoothing of Dombrowski et al., "Explanations can be manipulated", NeurIPS 2019), keeps the
+    response's graph (``create_graph``), maps it to grey levels without rounding, and counts each
+    3×3 window's levels with a Gaussian kernel of ``bandwidth`` grey levels. The value returned is
+    the detector's **own** score; only the gradient comes from the surrogate (BPDA's
+    straight-through form, Athalye et al. 2018).
+    """
+
+    def __init__(self, detector, beta: float = 10.0, bandwidth: float = 2.0, levels: int = 256):
+        super().__init__()
+        if detector.mapping != "published":
+            raise AdaptiveError("the surrogate covers the published grey-level mapping (the study's default)")
+        import copy
+
+        self.detector, self.bandwidth, self.window = detector, float(bandwidth), detector.window
+        smooth = copy.deepcopy(detector.model).eval()
+        for name, module in list(smooth.named_modules()):
+            for child_name, child in list(module.named_children()):
+                if isinstance(child, nn.ReLU):
+                    setattr(module, child_name, _GuidedSoftplusModule(beta))
+        for p in smooth.parameters():
+            p.requires_grad_(False)
+        self.smooth = smooth
+        self.register_buffer("levels", torch.arange(levels, dtype=torch.float32))
+
+    def soft_entropy(self, x: torch.Tensor) -> torch.Tensor:
+        """The smoothed mean local entropy (bits), differentiable in ``x``."""
+        with torch.no_grad():
+            target = self.detector.model(x).argmax(1)
+        xg = x if x.requires_grad else x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = self.smooth(xg)
+            (response,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), xg, create_graph=True)
+        r = response.sum(1)
+        flat = r.flatten(1)
+        z = (r - flat.mean(1).view(-1, 1, 1)) / flat.std(1).clamp_min(1e-12).view(-1, 1, 1)
+        grey = 255 * (0.5 + 0.1 * z).clamp(0, 1)  # N×H×W, not rounded
+        weight = torch.exp(-0.5 * ((grey[:, None] - self.levels.view(1, -1, 1, 1)) / self.bandwidth) ** 2)
+        weight = weight / weight.sum(1, keepdim=True).clamp_min(1e-12)  # a soft one-hot over the levels
+        hist = F.avg_pool2d(weight, self.window, stride=1, padding=self.window // 2, count_include_pad=False)
+        entropy = -(hist * torch.log2(hist.clamp_min(1e-12))).sum(1)
+        return entropy.flatten(1).mean(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        soft = self.soft_entropy(x)
+        true = torch.as_tensor(self.detector.score(x.detach()), dtype=soft.dtype, device=soft.device)
+        return true + (soft - soft.detach())
+
+
 def attack_score(detector) -> Callable[[torch.Tensor], torch.Tensor]:
     """What an adaptive attacker differentiates for ``detector``: its own differentiable score, or
     the surrogate this module gives it (subset scanning: :class:`SoftSubsetScan`; feature
-    squeezing: :class:`BPDASqueezing`). A detector with neither is left to the gradient-free check."""
+    squeezing: :class:`BPDASqueezing`; feature response: :class:`FeatureResponseSurrogate`). A
+    detector with neither is left to the gradient-free check."""
     from .detectors.base import DetectorError
 
     name = getattr(detector, "name", "")
     if name == "subset_scan":
-        return SoftSubsetScan(detector)
+        return SoftSubsetScan(detector).to(detector.device)
     if name == "feature_squeezing":
         return BPDASqueezing(detector)
+    if name == "feature_response":
+        return FeatureResponseSurrogate(detector).to(detector.device)
     try:
         probe = torch.rand(1, *detector.trained.input_shape, device=detector.device, requires_grad=True)
         detector.torch_score(probe)
     except DetectorError as exc:
         raise AdaptiveError(f"{name or detector}: no gradient and no surrogate here ({exc}); use gradient_free_check") from None
     return detector.torch_score
+
+
+def remembered(score: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``score`` with a per-image memory (no gradient). ART's Square scores the same images up to
+    three times per iteration (the success check over every input, then the loss before and after
+    the step); the memory scores each distinct image once."""
+    import hashlib
+
+    memory: dict[bytes, float] = {}
+
+    def score_once(v: torch.Tensor) -> torch.Tensor:
+        rows = v.detach().cpu().numpy()
+        keys = [hashlib.blake2b(r.tobytes(), digest_size=16).digest() for r in rows]
+        missing = [i for i, k in enumerate(keys) if k not in memory]
+        if missing:
+            with torch.no_grad():
+                fresh = score(v[torch.as_tensor(missing, device=v.device)]).detach().cpu().numpy()
+            memory.update({keys[i]: float(s) for i, s in zip(missing, fresh)})
+        return torch.tensor([memory[k] for k in keys], dtype=torch.float32, device=v.device)
+
+    return score_once
 
 
 def gradient_free_check(model: nn.Module, score: Callable[[torch.Tensor], torch.Tensor], tau: float,
@@ -360,10 +498,11 @@ def gradient_free_check(model: nn.Module, score: Callable[[torch.Tensor], torch.
 
     x = np.asarray(x, dtype=np.float32)
     y = np.asarray(y, dtype=np.int64)
-    composite = Composite(model, score, tau, beta).eval()
+    dev = model_device(model)
+    composite = Composite(model, remembered(score), tau, beta).eval()
     with torch.no_grad():
-        k = int(model(torch.as_tensor(x[:1])).shape[1])
-    clf = wrap(composite, tuple(x.shape[1:]), k + 1, "cpu")
+        k = int(model(torch.as_tensor(x[:1]).to(dev)).shape[1])
+    clf = wrap(composite, tuple(x.shape[1:]), k + 1, dev.type)
 
     def criterion(y_pred: np.ndarray, y_onehot: np.ndarray) -> np.ndarray:  # True where it succeeded
         label = y_pred.argmax(1)
@@ -383,15 +522,15 @@ def gradient_free_check(model: nn.Module, score: Callable[[torch.Tensor], torch.
     with contained_random_states(seed):
         x_adv = attack.generate(x, y=np.eye(k + 1, dtype=np.float32)[y])
     with torch.no_grad():
-        wrong = model(torch.as_tensor(x_adv)).argmax(1).numpy() != y
-        accepted = score(torch.as_tensor(x_adv)).cpu().numpy() <= tau
+        wrong = model(torch.as_tensor(x_adv).to(dev)).argmax(1).cpu().numpy() != y
+        accepted = score(torch.as_tensor(x_adv).to(dev)).cpu().numpy() <= tau
     return x_adv, wrong, accepted
 
 
 # --------------------------------------------------------------------------- the chapter's battery
 #: the attacks run against every detector: the detector-blind PGD baseline, then the adaptive ones
 BATTERY = ("pgd", "selective", "orthogonal", "composite_apgd")
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def outcomes(model: nn.Module, score_np: Callable[[torch.Tensor], np.ndarray], taus: dict[float, float],
@@ -399,52 +538,121 @@ def outcomes(model: nn.Module, score_np: Callable[[torch.Tensor], np.ndarray], t
     """Per input: still classified correctly, and accepted at each FPR level's threshold."""
     x_adv = torch.as_tensor(x_adv, dtype=torch.float32)
     with torch.no_grad():
-        correct = model(x_adv).argmax(1).cpu().numpy() == np.asarray(y)
+        correct = model(x_adv.to(model_device(model))).argmax(1).cpu().numpy() == np.asarray(y)
     s = score_np(x_adv)
     return {"correct": correct, "scores": s, **{fpr: s <= tau for fpr, tau in taus.items()}}
 
 
+def _pgd(model, grad_score, x, y, eps, steps, seed, restarts, tau=None, **kw) -> np.ndarray:
+    """Detector-aware PGD with ``restarts`` random starts: each restart attacks only the inputs the
+    earlier ones did not break, and an input keeps its best result (misclassified first, then the
+    lowest score)."""
+    best = detector_aware_pgd(model, grad_score, x, y, eps, steps, seed=seed, tau=tau, **kw)
+    for r in range(1, restarts):
+        done = best.misclassified & (best.scores <= tau) if tau is not None else best.misclassified
+        todo = torch.nonzero(~done).squeeze(1)
+        if len(todo) == 0:
+            break
+        other = detector_aware_pgd(model, grad_score, x[todo], y[todo], eps, steps, seed=restart_seed(seed, r), tau=tau, **kw)
+        was = best.misclassified[todo]
+        better = other.misclassified & (~was | (other.scores < best.scores[todo]))
+        best.x_adv[todo[better]] = other.x_adv[better]
+        best.scores[todo[better]] = other.scores[better]
+        best.misclassified[todo[better]] = True
+    return best.x_adv.numpy()
+
+
 def run_attack(attack: str, model: nn.Module, grad_score, tau: float, x: torch.Tensor, y: torch.Tensor, eps: float,
-               steps: int, seed: int, lam: float = 1.0) -> np.ndarray:
-    """One attack of the battery on (x, y) at ε; the adversarial images."""
+               steps: int, seed: int, lam: float = 1.0, restarts: int = 1, targets: int | None = 1) -> np.ndarray:
+    """One attack of the battery on (x, y) at ε, with ``restarts`` random starts (and, for
+    composite APGD, ``targets`` wrong classes); the adversarial images."""
+    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
+        raise AdaptiveError(f"restarts must be an int ≥ 1, got {restarts!r}")
     if attack == "pgd":
-        return detector_aware_pgd(model, None, x, y, eps, steps, seed=seed).x_adv.numpy()
+        return _pgd(model, None, x, y, eps, steps, seed, restarts)
     if attack in ("selective", "orthogonal"):
-        return detector_aware_pgd(model, grad_score, x, y, eps, steps, mode=attack, seed=seed, tau=tau).x_adv.numpy()
+        return _pgd(model, grad_score, x, y, eps, steps, seed, restarts, tau=tau, mode=attack)
     if attack == "naive":
-        return detector_aware_pgd(model, grad_score, x, y, eps, steps, mode="naive", lam=lam, seed=seed, tau=tau).x_adv.numpy()
+        return _pgd(model, grad_score, x, y, eps, steps, seed, restarts, tau=tau, mode="naive", lam=lam)
     if attack == "composite_apgd":
-        return composite_apgd(model, grad_score, tau, x, y, eps, steps, seed)
+        return composite_apgd(model, grad_score, tau, x, y, eps, steps, seed, targets=targets, restarts=restarts)
     raise AdaptiveError(f"unknown attack {attack!r}; valid attacks: {', '.join(BATTERY)}, naive")
 
 
-def sweep_eps(attack: str, model: nn.Module, grad_score, score_np, tau: float, x: torch.Tensor, y: torch.Tensor,
-              eps_grid, steps: int, seed: int, key: dict, lam: float = 1.0) -> dict[float, np.ndarray]:
-    """The attack at every ε of ``eps_grid`` (ascending), cached. An input broken at a smaller ε
-    (misclassified, and accepted at τ; misclassified alone for the blind PGD) keeps that image at
-    the larger ones, where it is still inside the ball: only the others are attacked again."""
+def cascade(attacks, model: nn.Module, grad_score, score_np, tau: float, x: torch.Tensor, y: torch.Tensor, eps_grid,
+            steps: int, seed: int, key: dict, start: dict[float, np.ndarray] | None = None, lam: float = 1.0,
+            restarts: int = 1, targets: int | None = 1) -> dict[float, dict[str, np.ndarray]]:
+    """The attacks of ``attacks`` in turn at every ε of ``eps_grid`` (ascending), as AutoAttack
+    runs its attacks: each one only on the inputs the earlier ones left robust. An input is broken
+    once misclassified and accepted at τ (misclassified alone for a detector-blind attack,
+    ``grad_score=None``); an input broken at a smaller ε keeps that image at the larger ones, where
+    it is still inside the ball.
+
+    ``start``: per ε, images that open the cascade (the shared detector-blind PGD), judged first.
+    Returns ``{eps: {attack: images after that attack and all before it}}``: an unbroken input
+    holds the last attack's image. Each stage is cached under ``key`` (artifact kind
+    "adaptive")."""
     from . import cache
     from .attacks import array_digest
 
     eps_grid = sorted(float(e) for e in eps_grid)
-    x_np, y_np = x.numpy(), y.numpy()
-    out, previous = {}, x_np.copy()
-    broken = np.zeros(len(x_np), dtype=bool)
+    x_np, y_np = x.numpy(), np.asarray(y)
+    blind = grad_score is None
+
+    def is_broken(images, idx):
+        got = outcomes(model, score_np, {0: tau}, images[idx], y_np[idx])
+        return ~got["correct"] & (got[0] | blind)
+
+    out: dict[float, dict[str, np.ndarray]] = {}
+    images, broken = x_np.copy(), np.zeros(len(x_np), dtype=bool)
     for i, eps in enumerate(eps_grid):
-        params = {"version": CACHE_VERSION, "code": cache.source_digest(), **key, "attack": attack, "eps_grid": eps_grid[: i + 1],
-                  "steps": steps, "seed": seed, "lam": lam, "tau": float(tau), "data": array_digest(x_np, y_np)}
-
-        def build(broken=broken, previous=previous, eps=eps):
-            x_adv = previous.copy()
+        out[eps] = {}
+        if start is not None:
             todo = np.flatnonzero(~broken)
-            if len(todo):
-                idx = torch.from_numpy(todo)
-                x_adv[todo] = run_attack(attack, model, grad_score, tau, x[idx], y[idx], eps, steps, seed, lam)
-            return {"x_adv": x_adv.astype(np.float32)}
+            images[todo] = start[eps][todo]
+            broken[todo] = is_broken(images, todo)
+        for j, attack in enumerate(attacks):
+            params = {"version": CACHE_VERSION, "code": cache.source_digest(), **key, "attacks": list(attacks[: j + 1]),
+                      "eps_grid": eps_grid[: i + 1], "steps": steps, "seed": seed, "lam": lam, "tau": float(tau),
+                      "data": array_digest(x_np, y_np), "start": None if start is None else array_digest(*(start[e] for e in eps_grid[: i + 1])),
+                      "restarts": restarts, "targets": targets}
 
-        x_adv = cache.cached("adaptive", params, build, fmt="npz")["x_adv"]
-        out[eps] = x_adv
-        got = outcomes(model, score_np, {0: tau}, x_adv, y_np)
-        broken = ~got["correct"] & (got[0] | (attack == "pgd"))
-        previous = x_adv
+            def build(images=images, broken=broken, attack=attack, eps=eps):
+                new = images.copy()
+                todo = np.flatnonzero(~broken)
+                if len(todo):
+                    idx = torch.from_numpy(todo)
+                    new[todo] = run_attack(attack, model, grad_score, tau, x[idx], y[idx], eps, steps, seed, lam, restarts, targets)
+                return {"x_adv": new.astype(np.float32)}
+
+            after = cache.cached("adaptive", params, build, fmt="npz")["x_adv"]
+            todo = np.flatnonzero(~broken)
+            images = after.copy()
+            broken = broken.copy()
+            if len(todo):
+                broken[todo] = is_broken(images, todo)
+            out[eps][attack] = images.copy()
+    return out
+
+
+def convergence_check(attacks, model: nn.Module, grad_score, score_np, tau: float, x: torch.Tensor, y: torch.Tensor,
+                      eps: float, steps: int, seed: int, key: dict, robust: np.ndarray, targets: int | None = 1) -> dict[str, float]:
+    """Robust accuracy with detection at ε once more effort is spent: the cascade of ``attacks``
+    run again on the inputs still robust (``robust``: per input, after the chapter's attacks) with
+    twice the iterations, and, apart, from a second random start. An input broken by either
+    counts as broken. Returns the robust accuracy as run, after doubling the iterations, and after
+    doubling the restarts (cached like the chapter's attacks)."""
+    robust = np.asarray(robust, dtype=bool)
+    still = np.flatnonzero(robust)
+    y_np = np.asarray(y)
+    out = {"as_run": float(robust.mean())}
+    for label, n_steps, run_seed in (("twice_iterations", 2 * steps, seed), ("twice_restarts", steps, restart_seed(seed, 1))):
+        broken = np.zeros(len(robust), dtype=bool)
+        if len(still):
+            idx = torch.from_numpy(still)
+            final = cascade(attacks, model, grad_score, score_np, tau, x[idx], y[idx], [eps], n_steps, run_seed, key,
+                            targets=targets)[float(eps)][attacks[-1]]
+            got = outcomes(model, score_np, {0: tau}, final, y_np[still])
+            broken[still[~got["correct"] & got[0]]] = True
+        out[label] = float((robust & ~broken).mean())
     return out

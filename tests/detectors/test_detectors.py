@@ -277,7 +277,7 @@ def test_fitting_and_scoring_leave_the_global_random_state_alone(setup, name):
     assert np.array_equal(np.random.get_state()[1], np_state), name
 
 
-DIFFERENTIABLE = ["particul", "msp", "mds", "rmds", "ebo", "mls", "gen", "react", "ash", "knn", "vim", "she"]
+DIFFERENTIABLE = ["particul", "msp", "odin", "mds", "rmds", "ebo", "mls", "gen", "react", "ash", "knn", "vim", "she"]
 
 
 @pytest.mark.parametrize("name", DIFFERENTIABLE)
@@ -295,22 +295,22 @@ def test_differentiable_scores_match_the_scores_and_carry_gradients(setup, name)
     assert torch.isfinite(grad).all() and float(grad.abs().sum()) > 0
 
 
-@pytest.mark.parametrize("name", ["odin", "subset_scan", "feature_squeezing"])
+@pytest.mark.parametrize("name", ["subset_scan", "feature_squeezing", "feature_response"])
 def test_detectors_without_a_useful_gradient_say_so(setup, name):
     trained, train, _ = setup
     params = {"subset_scan": {"n_background": 100}}.get(name, {})
-    if name == "odin":
-        params["n_fit"] = 300
     det = detector(name, device="cpu", **params).fit(trained, train)
     with pytest.raises(DetectorError, match="no differentiable score"):
         det.torch_score(torch.rand(2, 1, 28, 28))
 
 
-def test_lid_differentiates_against_its_fixed_reference_batch(setup):
+@pytest.mark.parametrize("name", ["lid", "mahalanobis_adv"])
+def test_supervised_detectors_differentiate_their_own_score(setup, name):
+    """LID against its fixed reference batch; Mahalanobis through its per-layer Gaussians."""
     trained, train, test = setup
     shifted = test.x.clone()
     shifted[:, :, 2:12, 2:12] = 1.0
-    det = detector("lid", device="cpu").fit(trained, train, x_clean=test.x[:50], x_adv=shifted[:50])
+    det = detector(name, device="cpu").fit(trained, train, x_clean=test.x[:50], x_adv=shifted[:50])
     x = shifted[50:66].clone().requires_grad_(True)
     s = det.torch_score(x)
     assert np.allclose(s.detach().numpy(), det.score(shifted[50:66]), rtol=1e-4, atol=1e-4)

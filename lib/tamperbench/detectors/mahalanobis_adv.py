@@ -4,7 +4,8 @@ At every named block, spatially averaged features are modelled by class-conditio
 with a tied covariance (pytorch-ood's ``Mahalanobis``); the layer's score is the minimum
 Mahalanobis distance :math:`\min_c (z-\mu_c)^\top\Sigma^{-1}(z-\mu_c)`. A logistic regression
 combines the layers' scores, trained on clean vs adversarial examples as in the paper (without
-its input pre-processing step).
+its input pre-processing step). The score is differentiable (:meth:`torch_features`), so adaptive
+attacks differentiate it directly.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from .. import data, models
 from .base import SupervisedDetector, layer_outputs
+from .ood import _mds_score
 
 
 class MahalanobisAdv(SupervisedDetector):
@@ -34,3 +36,13 @@ class MahalanobisAdv(SupervisedDetector):
     def _features(self, x: torch.Tensor) -> np.ndarray:
         feats = layer_outputs(self.trained.model, x, self.layers, self.device, pool=True)
         return np.stack([self.gaussians[layer].predict_features(feats[layer]).numpy() for layer in self.layers], axis=1)
+
+    def torch_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Each layer's Mahalanobis score, differentiable in ``x`` (the features of :meth:`_features`)."""
+        cols, h = [], x.float()
+        for layer, block in self.trained.model.named_children():
+            h = block(h)
+            if layer in self.gaussians:
+                pooled = h.mean((-2, -1)) if h.dim() == 4 else h.flatten(1)
+                cols.append(_mds_score(self.gaussians[layer], pooled))
+        return torch.stack(cols, 1)

@@ -144,13 +144,22 @@ class PytorchOOD(Detector):
             self.ood.fit(train.loader(batch_size=self.batch_size))
 
     def torch_score(self, x: torch.Tensor) -> torch.Tensor:
-        """pytorch-ood's outlier score, differentiable in ``x``. ODIN has none: its score already
-        contains a gradient step on the input, which an attack would have to differentiate
-        through (attack it with BPDA or a gradient-free attack)."""
-        if self.method == "odin":
-            return super().torch_score(x)
+        """pytorch-ood's outlier score, differentiable in ``x``.
+
+        ODIN's score contains a signed gradient step on the input, :math:`\hat x = x - \epsilon\,
+        \mathrm{sign}(\nabla_x \mathcal L)`. The sign is piecewise constant, so its derivative is
+        zero almost everywhere and :math:`\partial\hat x/\partial x = I`: the step is computed
+        apart and added as a constant, which gives the exact gradient (not an approximation)."""
         if self.ood is None:
             raise DetectorError(f"{self.method}: call fit(trained, clean_train) before torch_score(x)")
+        if self.method == "odin":
+            from pytorch_ood.detector import odin_preprocessing
+
+            o = self.ood
+            step = odin_preprocessing(o.model, x.detach(), criterion=o.criterion, eps=o.eps, temperature=o.temperature,
+                                      norm_std=o.norm_std) - x.detach()
+            logits = o.model(x + step.detach()) / o.temperature
+            return -logits.softmax(1).max(1).values
         if self.method in DETACHED:
             return DETACHED[self.method](self.ood, self.ood.encoder(x.float()))
         with gradients_through_no_grad():
