@@ -249,3 +249,23 @@ def test_the_gradient_free_check_scores_each_distinct_image_once():
     adaptive.gradient_free_check(model, counting, tau, x.numpy(), y.numpy(), eps=0.3, max_iter=30)
     # Square asks for up to three scores per input and iteration; each new image costs one
     assert sum(scored) <= len(x) * (30 + 3)
+
+
+def test_nothing_left_to_attack_is_not_an_error(data_root):
+    model, score, x, y = _toy(size=8)
+    def refuses_empty(v):
+        assert len(v), "scored an empty batch"
+        return score(torch.as_tensor(v)).detach().numpy()
+
+    got = adaptive.outcomes(model, refuses_empty, {0.05: 1.0}, x[:0], y[:0].numpy())
+    assert len(got["correct"]) == 0 and len(got[0.05]) == 0
+    x_sq, wrong, accepted = adaptive.gradient_free_check(model, score, 0.0, x[:0].numpy(), y[:0].numpy(), eps=0.1)
+    assert len(x_sq) == len(wrong) == len(accepted) == 0
+    # a detector that accepts everything: the blind start breaks every input at the first ε, leaving nothing after
+    start = adaptive.cascade(["pgd"], model, None, lambda v: np.zeros(len(v)), 0.0, x, y, [0.3, 0.5], 20, 0, {"toy": 2})
+    start = {eps: stages["pgd"] for eps, stages in start.items()}
+    everything = lambda v: np.full(len(v), -1.0) if len(v) else refuses_empty(v)  # noqa: E731
+    with torch.no_grad():
+        assert (model(torch.as_tensor(start[0.3])).argmax(1) != y).all()
+    out = adaptive.cascade(["selective"], model, score, everything, 0.0, x, y, [0.3, 0.5], 5, 0, {"toy": 3}, start=start)
+    assert np.array_equal(out[0.5]["selective"], start[0.3])

@@ -131,3 +131,17 @@ def test_adaptive_chapter_writes_its_table_with_the_worst_case(ci_book):
     assert (pd.read_csv(res / "adaptive_fpr1.csv").attack == "worst case").any()
     thresholds = pd.read_csv(res / "thresholds.csv")
     assert (thresholds.groupby("detector").tau.nunique() >= 1).all()
+
+
+@pytest.mark.slow
+def test_model_tampering_chapter_writes_both_tables(ci_book):
+    res = paths.results_dir("ci", "08_model_tampering")
+    tampernn = pd.read_csv(res / "tampernn.csv")
+    assert list(tampernn.columns[:5]) == ["tampering", "strength", "markers", "queries_to_detect", "detection_rate"]
+    assert set(tampernn.markers) == {"boundary", "adversarial", "random"}
+    assert {"finetune", "quantize", "prune", "trojan", "watermark"} <= set(tampernn.tampering)
+    assert (tampernn[tampernn.tampering == "none"].detection_rate == 0).all()  # no false alarm on the untouched copy
+    watermark = pd.read_csv(res / "watermark.csv")
+    assert list(watermark.columns[:7]) == ["model", "epsilon", "key_size", "mismatches", "threshold", "accepted", "accuracy"]
+    assert (watermark.accepted == (watermark.mismatches <= watermark.threshold)).all()
+    assert (res / "tampernn.png").exists() and (res / "watermark.png").exists()

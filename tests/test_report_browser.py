@@ -26,7 +26,8 @@ BENIGN_CONSOLE = ("Got invalid theme mode: . Resetting to auto",)
 LEFTOVER_MARKUP = ("{glue", "{cite", "{numref", "{doc}", "<Figure size", "<Axes:")
 #: The landing page (index.html forwards to intro.html) and a results page
 SCREENSHOTS = {"landing": "index", "results_04_detection": "04_detection", "results_05_tampered_datasets": "05_tampered_datasets",
-               "results_06_openood": "06_openood", "results_07_adaptive": "07_adaptive"}
+               "results_06_openood": "06_openood", "results_07_adaptive": "07_adaptive",
+               "results_08_model_tampering": "08_model_tampering"}
 #: Chromium's flags for a closed network: no background connections, no first-run, no sandbox
 #: (tests run as root), a fresh profile.
 CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
@@ -148,7 +149,8 @@ def test_every_page_reads_as_a_report(ci_site, browser):
     _, html = ci_site
     pages = _pages(html)
     chapters = {p.stem for p in pages}
-    assert {"index", "intro", "01_classifier", "04_detection", "90_reproduce", "references"} <= chapters, chapters
+    assert {"index", "intro", "01_classifier", "04_detection", "07_adaptive", "08_model_tampering", "90_reproduce",
+            "references"} <= chapters, chapters
     report = {p.name: _problems(browser, p, html) for p in pages}
     bad = {name: probs for name, probs in report.items() if probs}
     assert not bad, "\n".join(f"{name}:\n  " + "\n  ".join(probs[:10]) for name, probs in bad.items())

@@ -21,6 +21,8 @@ The package is deliberately thin. Notebooks call it; each module does one job:
 - :mod:`tamperbench.perturbations`  natural perturbations and the CODE perturbation benchmark;
 - :mod:`tamperbench.adaptive`   adaptive attacks (detector-aware PGD, the detector as a class,
   surrogates, a gradient-free check) and robust accuracy with detection (chapter 7);
+- :mod:`tamperbench.model_tampering`  tampered models: TamperNN markers, tamperings, frontier-stitching
+  watermarks (chapter 8);
 - :mod:`tamperbench.plots`      figures several chapters draw;
 - :mod:`tamperbench.results`    tidy CSV tables and PNG figures per notebook, with provenance;
 - :mod:`tamperbench.report`     what a chapter shows: parameters, glued numbers, tables;

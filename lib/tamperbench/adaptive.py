@@ -498,6 +498,8 @@ def gradient_free_check(model: nn.Module, score: Callable[[torch.Tensor], torch.
 
     x = np.asarray(x, dtype=np.float32)
     y = np.asarray(y, dtype=np.int64)
+    if len(x) == 0:  # no input left to check
+        return x.copy(), np.zeros(0, dtype=bool), np.zeros(0, dtype=bool)
     dev = model_device(model)
     composite = Composite(model, remembered(score), tau, beta).eval()
     with torch.no_grad():
@@ -537,6 +539,9 @@ def outcomes(model: nn.Module, score_np: Callable[[torch.Tensor], np.ndarray], t
              x_adv: np.ndarray | torch.Tensor, y: np.ndarray) -> dict:
     """Per input: still classified correctly, and accepted at each FPR level's threshold."""
     x_adv = torch.as_tensor(x_adv, dtype=torch.float32)
+    if len(x_adv) == 0:  # nothing left to judge (every input already broken)
+        empty = np.zeros(0, dtype=bool)
+        return {"correct": empty, "scores": np.zeros(0), **{fpr: empty for fpr in taus}}
     with torch.no_grad():
         correct = model(x_adv.to(model_device(model))).argmax(1).cpu().numpy() == np.asarray(y)
     s = score_np(x_adv)
@@ -609,8 +614,9 @@ def cascade(attacks, model: nn.Module, grad_score, score_np, tau: float, x: torc
         out[eps] = {}
         if start is not None:
             todo = np.flatnonzero(~broken)
-            images[todo] = start[eps][todo]
-            broken[todo] = is_broken(images, todo)
+            if len(todo):
+                images[todo] = start[eps][todo]
+                broken[todo] = is_broken(images, todo)
         for j, attack in enumerate(attacks):
             params = {"version": CACHE_VERSION, "code": cache.source_digest(), **key, "attacks": list(attacks[: j + 1]),
                       "eps_grid": eps_grid[: i + 1], "steps": steps, "seed": seed, "lam": lam, "tau": float(tau),

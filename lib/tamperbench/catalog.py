@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 
-from . import attacks, config, data, detectors, openood, perturbations
+from . import adaptive, attacks, config, data, detectors, model_tampering, openood, perturbations
 
 
 def _detector_parameters(name: str) -> str:
@@ -61,4 +61,11 @@ def describe(cfg: config.StudyConfig | None = None) -> str:
     lines.append("PERTURBATIONS (magnitude; the CODE sweeps and the covariate-shift sets)")
     for name, meaning in perturbations.KINDS.items():
         lines.append(f"  {name}: {meaning}")
+    lines.append("")
+    lines.append("ADAPTIVE ATTACKS (chapter 7, tamperbench.adaptive; run as a cascade in this order, naive apart)")
+    lines.append("  " + ", ".join(adaptive.BATTERY) + "; naive (λ-weighted loss)")
+    lines.append("")
+    lines.append("MODEL TAMPERING (chapter 8, tamperbench.model_tampering)")
+    lines.append("  tamperings: " + ", ".join(model_tampering.TAMPERINGS))
+    lines.append("  marker strategies: " + ", ".join(model_tampering.MARKERS))
     return "\n".join(lines)
