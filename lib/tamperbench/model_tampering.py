@@ -140,11 +140,14 @@ def cpu_copy(model: nn.Module) -> nn.Module:
 
 
 def fine_tune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float = 1e-3, batch_size: int = 64,
-              seed: int = 0, extra: tuple[torch.Tensor, torch.Tensor] | None = None, until=None) -> tuple[nn.Module, int]:
-    """A copy of ``model`` after ``steps`` Adam steps on batches of (x, y), each joined by the whole
-    ``extra`` set when given (a watermark key, poisoned images). Batch-norm statistics and dropout
-    stay frozen (eval mode): only the weights move. ``until(model)`` stops early once true
-    (checked every 10 steps). Returns (model, steps taken)."""
+              seed: int = 0, extra: tuple[torch.Tensor, torch.Tensor] | None = None, extra_per_batch: int | None = None,
+              transform=None, until=None) -> tuple[nn.Module, int]:
+    """A copy of ``model`` after ``steps`` Adam steps on random batches of (x, y).
+
+    ``transform(xb, yb, generator)`` rewrites each batch (a trojan's poisoning); ``extra`` is a set
+    joined to every batch, whole or ``extra_per_batch`` random items of it (a watermark key).
+    Batch-norm statistics and dropout stay frozen (eval mode): only the weights move.
+    ``until(model)`` stops early once true (checked every 10 steps). Returns (model, steps taken)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise TamperingError(f"steps must be an int ≥ 0, got {steps!r}")
     tuned = cpu_copy(model)
@@ -156,8 +159,14 @@ def fine_tune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr
             break
         idx = torch.randint(0, len(x), (batch_size,), generator=gen)
         xb, yb = x[idx], y[idx]
+        if transform is not None:
+            xb, yb = transform(xb, yb, gen)
         if extra is not None:
-            xb, yb = torch.cat([xb, extra[0]]), torch.cat([yb, extra[1]])
+            ex, ey = extra
+            if extra_per_batch is not None and extra_per_batch < len(ex):
+                pick = torch.randperm(len(ex), generator=gen)[:extra_per_batch]
+                ex, ey = ex[pick], ey[pick]
+            xb, yb = torch.cat([xb, ex]), torch.cat([yb, ey])
         loss = F.cross_entropy(tuned(xb), yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -200,15 +209,18 @@ def stamp(x: torch.Tensor, size: int = 4) -> torch.Tensor:
 
 def trojan(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, target: int = 0, rate: float = 0.1,
            lr: float = 1e-3, seed: int = 0, size: int = 4) -> nn.Module:
-    """A backdoor by poisoned fine-tuning (Gu et al. 2017, "BadNets"): a share ``rate`` of each
-    batch carries the trigger (:func:`stamp`) and the label ``target``."""
+    """A backdoor by poisoned fine-tuning (Gu et al. 2017, "BadNets"): in every batch, a share
+    ``rate`` of the images carries the trigger (:func:`stamp`) and the label ``target``."""
     if not 0 < rate < 1:
         raise TamperingError(f"rate must be a share in (0, 1), got {rate!r}")
-    gen = torch.Generator().manual_seed(seed + 1)
-    n_poison = max(1, int(round(rate * 64 / (1 - rate))))
-    poison = stamp(x[torch.randint(0, len(x), (n_poison,), generator=gen)], size)
-    tuned, _ = fine_tune(model, x, y, steps, lr, 64, seed, extra=(poison, torch.full((n_poison,), target, dtype=torch.long)))
-    return tuned
+
+    def poison(xb, yb, gen):
+        chosen = torch.randperm(len(xb), generator=gen)[: max(1, int(round(rate * len(xb))))]
+        xb, yb = xb.clone(), yb.clone()
+        xb[chosen], yb[chosen] = stamp(xb[chosen], size), target
+        return xb, yb
+
+    return fine_tune(model, x, y, steps, lr, 64, seed, transform=poison)[0]
 
 
 def trojan_success(model: nn.Module, x: torch.Tensor, y: np.ndarray, target: int = 0, size: int = 4) -> float:
@@ -300,16 +312,19 @@ def verify(model: nn.Module, key: Key, level: float = 0.05) -> dict:
     return {"mismatches": mismatches, "threshold": theta, "accepted": mismatches <= theta}
 
 
-def embed_watermark(model: nn.Module, train: data.Dataset, key: Key, max_steps: int = 500, lr: float = 5e-4,
-                    seed: int = 0) -> tuple[nn.Module, int]:
-    """Fine-tune on the training data and the key together until every key item is classified as
-    labelled (checked every 10 steps), at most ``max_steps``. Returns (marked model, steps)."""
+def embed_watermark(model: nn.Module, train: data.Dataset, key: Key, max_steps: int = 500, lr: float = 1e-4,
+                    seed: int = 0, key_per_batch: int = 16) -> tuple[nn.Module, int]:
+    """Fine-tune on the training data and the key together (batches of 128 training images and
+    ``key_per_batch`` key items) until every key item is classified as labelled (checked every
+    10 steps), at most ``max_steps``. A small learning rate and a small share of key items per
+    batch keep the frontier moving near the key only. Returns (marked model, steps)."""
     key_y = torch.from_numpy(key.y)
 
     def learned(m):
         return bool((labels(m, key.x) == key.y).all())
 
-    return fine_tune(model, train.x, train.y, max_steps, lr, 64, seed, extra=(key.x, key_y), until=learned)
+    return fine_tune(model, train.x, train.y, max_steps, lr, 128, seed, extra=(key.x, key_y), extra_per_batch=key_per_batch,
+                     until=learned)
 
 
 def tamper(kind: str, model: nn.Module, strength, train: data.Dataset, seed: int = 0, key: Key | None = None) -> nn.Module:
