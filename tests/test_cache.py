@@ -55,3 +55,16 @@ def test_failed_build_writes_nothing(data_root):
 def test_unknown_format():
     with pytest.raises(ValueError, match="valid formats: torch, npz, json"):
         cache.cache_path("demo", {}, "pickle")
+
+
+def test_source_digest_ignores_orchestration_only():
+    """Editing the runner or the sweep orchestration reruns nothing; editing a module that
+    computes results does (the digest is what score caches and the runner key on)."""
+    from pathlib import Path
+
+    import tamperbench
+
+    folder = Path(tamperbench.__file__).parent
+    assert {"runner.py", "sweep.py", "__main__.py"} <= cache.ORCHESTRATION
+    assert not cache.ORCHESTRATION & {"benchmark.py", "adaptive.py", "aggregate.py", "metrics.py"}
+    assert all((folder / name).exists() for name in cache.ORCHESTRATION)

@@ -69,6 +69,11 @@ def model_device(model: nn.Module) -> torch.device:
     return next(iter(model.parameters()), torch.zeros(0)).device
 
 
+def _check_restarts(restarts) -> None:
+    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
+        raise AdaptiveError(f"restarts must be an int ≥ 1, got {restarts!r}")
+
+
 def restart_seed(seed: int, restart: int) -> int:
     """The seed of restart ``restart`` (0 is the first run): far apart, so that no two restarts
     or targets of one attack share a random start."""
@@ -218,8 +223,7 @@ def composite_apgd(model: nn.Module, score: Callable[[torch.Tensor], torch.Tenso
     targets = k - 1 if targets is None else targets
     if isinstance(targets, bool) or not isinstance(targets, int) or not 1 <= targets <= k - 1:
         raise AdaptiveError(f"targets must be an int in [1, {k - 1}] (the wrong classes) or None for all, got {targets!r}")
-    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
-        raise AdaptiveError(f"restarts must be an int ≥ 1, got {restarts!r}")
+    _check_restarts(restarts)
     logits[torch.arange(len(x)), torch.as_tensor(y_np)] = -float("inf")
     ranked = logits.argsort(1, descending=True)[:, :targets].numpy()  # the wrong classes, most likely first
     clf = wrap(Composite(model, score, tau, beta).eval(), tuple(x.shape[1:]), k + 1, dev.type)
@@ -483,7 +487,7 @@ def remembered(score: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch
 def gradient_free_check(model: nn.Module, score: Callable[[torch.Tensor], torch.Tensor], tau: float,
                         x: np.ndarray, y: np.ndarray, eps: float, max_iter: int = 200, seed: int = 0,
                         beta: float = 1.0):
-    """Square attack (ART) on the composite model, whose success is "misclassified **and**
+    r"""Square attack (ART) on the composite model, whose success is "misclassified **and**
     accepted": a detector that only hides its gradients is caught by an attack that needs none.
 
     ``score`` needs no gradient here (a detector's plain ``score`` will do). ART hands its success
@@ -571,8 +575,7 @@ def run_attack(attack: str, model: nn.Module, grad_score, tau: float, x: torch.T
                steps: int, seed: int, lam: float = 1.0, restarts: int = 1, targets: int | None = 1) -> np.ndarray:
     """One attack of the battery on (x, y) at ε, with ``restarts`` random starts (and, for
     composite APGD, ``targets`` wrong classes); the adversarial images."""
-    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
-        raise AdaptiveError(f"restarts must be an int ≥ 1, got {restarts!r}")
+    _check_restarts(restarts)
     if attack == "pgd":
         return _pgd(model, None, x, y, eps, steps, seed, restarts)
     if attack in ("selective", "orthogonal"):

@@ -361,7 +361,7 @@ def pvalue_levels(pvalues: np.ndarray, alphas=GROUP_ALPHAS) -> np.ndarray:
 
 
 def _bj(n_alpha: np.ndarray, n: np.ndarray, alpha: float) -> np.ndarray:
-    """Berk–Jones :math:`N\,KL(N_\alpha/N \| \alpha)`, counted only where :math:`N_\alpha/N > \alpha`."""
+    r"""Berk–Jones :math:`N\,KL(N_\alpha/N \| \alpha)`, counted only where :math:`N_\alpha/N > \alpha`."""
     with np.errstate(divide="ignore", invalid="ignore"):
         frac = np.clip(n_alpha / np.maximum(n, 1), 1e-12, 1 - 1e-12)
         kl = frac * np.log(frac / alpha) + (1 - frac) * np.log((1 - frac) / (1 - alpha))

@@ -57,7 +57,9 @@ SHARED_TYPES: dict[str, tuple[type, ...]] = {
 }
 #: Every notebook declares these; the others are injected where a notebook declares them.
 REQUIRED_SHARED = ("seed", "device", "dataset", "model", "epochs", "batch_size", "lr", "n_train")
-TOP_KEYS = ("shared", "default_profile", "profiles")
+TOP_KEYS = ("shared", "default_profile", "profiles", "sweeps")
+#: The keys of one sweep in the ``sweeps:`` section (see :mod:`tamperbench.sweep`).
+SWEEP_KEYS = ("profile", "grid", "parameters", "notebooks", "resources")
 #: Injected by the runner into every notebook, never set in the file.
 RUNNER_KEYS = ("profile",)
 
@@ -166,6 +168,7 @@ class StudyConfig:
     profiles: dict
     notebooks: dict[str, dict[str, tuple[type, ...]]]  # name → its declared parameters
     shared_declared: dict[str, list[str]]  # name → the optional shared parameters it declares
+    sweeps: dict = None  # name → its block of the ``sweeps:`` section (checked in full by tamperbench.sweep)
 
     def check_profile(self, profile: str) -> str:
         if profile not in self.profiles:
@@ -360,7 +363,18 @@ def load(path: Path = CONFIG_PATH, notebooks_dir: Path = NOTEBOOKS_DIR) -> Study
     default = raw.get("default_profile", "cpu")
     if default not in profiles:
         raise ConfigError(f"default_profile {default!r} is not a profile; valid profiles: {', '.join(profiles)}")
-    return StudyConfig(shared, default, profiles, notebooks, shared_declared)
+    sweeps = raw.get("sweeps") or {}
+    if not isinstance(sweeps, dict):
+        raise ConfigError(f"'sweeps' in {path.name} must map sweep names to their blocks (keys: {', '.join(SWEEP_KEYS)})")
+    for name, block in sweeps.items():
+        if not isinstance(block, dict):
+            raise ConfigError(f"sweep {name!r} must be a mapping; valid keys: {', '.join(SWEEP_KEYS)}")
+        for key in block:
+            if key not in SWEEP_KEYS:
+                raise ConfigError(f"unknown key {key!r} in sweep {name!r}; valid keys: {', '.join(SWEEP_KEYS)}")
+        if "profile" in block and block["profile"] not in profiles:
+            raise ConfigError(f"sweep {name!r}: unknown profile {block['profile']!r}; valid profiles: {', '.join(profiles)}")
+    return StudyConfig(shared, default, profiles, notebooks, shared_declared, sweeps)
 
 
 def study(profile: str | None = None, overrides: Mapping[str, Any] | None = None, path: Path = CONFIG_PATH) -> dict:

@@ -51,29 +51,29 @@ def _as_tensor(x) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).float()
 
 
-def logit_gaps(model: nn.Module, x, batch_size: int = 512) -> np.ndarray:
-    """The gap between the two largest logits of each input: small near the decision boundary."""
+def _logits(model: nn.Module, x, batch_size: int) -> torch.Tensor:
+    """The model's logits on ``x``, in batches, on the model's own device (a quantized model
+    stays on the CPU: it cannot be moved), returned on the CPU."""
+    from .adaptive import model_device
+
     x = _as_tensor(x)
     model.eval()
-    dev = next(iter(model.parameters()), torch.zeros(0)).device
-    gaps = []
+    dev = model_device(model)
     with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            top = model(x[i : i + batch_size].to(dev)).topk(2, dim=1).values
-            gaps.append((top[:, 0] - top[:, 1]).cpu())
-    return torch.cat(gaps).numpy()
+        out = [model(x[i : i + batch_size].to(dev)).cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def logit_gaps(model: nn.Module, x, batch_size: int = 512) -> np.ndarray:
+    """The gap between the two largest logits of each input: small near the decision boundary."""
+    top = _logits(model, x, batch_size).topk(2, dim=1).values
+    return (top[:, 0] - top[:, 1]).numpy()
 
 
 def labels(model: nn.Module, x, batch_size: int = 512) -> np.ndarray:
     """The labels a (possibly quantized, CPU-only) model answers: the owner's only view of it."""
-    x = _as_tensor(x)
-    model.eval()
-    dev = next(iter(model.parameters()), torch.zeros(0)).device
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            out.append(model(x[i : i + batch_size].to(dev)).argmax(1).cpu())
-    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
+    logits = _logits(model, x, batch_size)
+    return logits.argmax(1).numpy() if len(logits) else np.zeros(0, dtype=np.int64)
 
 
 @dataclass

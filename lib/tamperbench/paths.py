@@ -33,9 +33,11 @@ def current_variant() -> str | None:
 
 def results_dir(profile: str, notebook: str | None = None, variant: str | None = None) -> Path:
     """``results/<profile>/[<notebook>]``, or for a variant ``results/<profile>/variants/<name>/...``
+    (for a sweep's point ``results/<profile>/sweeps/<sweep>/<point>/...``)
     (``variant`` defaults to the one being run), so that a variant never overwrites the main run."""
     variant = variant if variant is not None else current_variant()
     base = data_root() / "results" / profile
     if variant:
-        base = base / "variants" / variant
+        # a sweep's point is a variant named by its path, "sweeps/<sweep>/<point>"
+        base = base / variant if variant.startswith("sweeps/") else base / "variants" / variant
     return base / notebook if notebook else base

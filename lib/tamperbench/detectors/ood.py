@@ -144,7 +144,7 @@ class PytorchOOD(Detector):
             self.ood.fit(train.loader(batch_size=self.batch_size))
 
     def torch_score(self, x: torch.Tensor) -> torch.Tensor:
-        """pytorch-ood's outlier score, differentiable in ``x``.
+        r"""pytorch-ood's outlier score, differentiable in ``x``.
 
         ODIN's score contains a signed gradient step on the input, :math:`\hat x = x - \epsilon\,
         \mathrm{sign}(\nabla_x \mathcal L)`. The sign is piecewise constant, so its derivative is

@@ -1,0 +1,75 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from tamperbench import aggregate
+
+
+def _point(root, name, values, status="done", auroc_shift=0.0):
+    d = root / name
+    (d / "04_detection").mkdir(parents=True)
+    (d / "05_tampered_datasets").mkdir()
+    (d / "07_adaptive").mkdir()
+    seed = values["seed"]
+    pd.DataFrame({"detector": ["particul", "msp"], "attack": ["pgd", "pgd"],
+                  "auroc": [0.9 + auroc_shift, 0.7 + auroc_shift], "profile": "ci", "seed": seed}
+                 ).to_csv(d / "04_detection" / "detection.csv", index=False)
+    rows = [{"test": "tail_count", "detector": "particul", "attack": "pgd", "n": n, "p": p, "power": 0.1 * seed + p,
+             "profile": "ci", "seed": seed} for n in (100, 1000) for p in (0.0, 0.005, 0.02, 0.5)]
+    pd.DataFrame(rows).to_csv(d / "05_tampered_datasets" / "batch_power.csv", index=False)
+    pd.DataFrame({"detector": ["particul"], "final": [0.01 * seed], "profile": "ci", "seed": seed}
+                 ).to_csv(d / "07_adaptive" / "robust_at_headline.csv", index=False)
+    (d / aggregate.POINT_FILE).write_text(json.dumps({"point": name, "values": values, "status": status}))
+
+
+def test_collect_adds_grid_columns_and_skips_incomplete_points(tmp_path):
+    for seed, shift in ((0, 0.0), (1, 0.02), (2, 0.04)):
+        _point(tmp_path, f"seed-{seed}", {"seed": seed, "attack_suite.pgd.eps": 0.1}, auroc_shift=shift)
+    _point(tmp_path, "seed-9", {"seed": 9, "attack_suite.pgd.eps": 0.1}, status="failed")
+    (tmp_path / "seed-10").mkdir()  # never finished: no point.json
+    tables = aggregate.collect(tmp_path)
+    det = tables["04_detection/detection.csv"]
+    assert sorted(det.point.unique()) == ["seed-0", "seed-1", "seed-2"]
+    assert (det["attack_suite.pgd.eps"] == 0.1).all() and len(det) == 6
+
+
+def test_headline_intervals_are_student_t_over_seeds(tmp_path):
+    for seed, shift in ((0, 0.0), (1, 0.02), (2, 0.04)):
+        _point(tmp_path, f"seed-{seed}", {"seed": seed}, auroc_shift=shift)
+    tables, heads = aggregate.write(tmp_path, ["seed"])
+    assert (tmp_path / "aggregate" / "04_detection" / "detection.csv").exists()
+    assert (tmp_path / aggregate.HEADLINES_FILE).exists()
+    row = heads[(heads.metric == "auroc") & (heads.detector == "particul")].iloc[0]
+    x = np.array([0.9, 0.92, 0.94])
+    half = stats.t.ppf(0.975, 2) * x.std(ddof=1) / np.sqrt(3)
+    assert row.n_seeds == 3 and row["mean"] == pytest.approx(x.mean())
+    assert row.low == pytest.approx(x.mean() - half) and row.high == pytest.approx(x.mean() + half)
+    power = heads[heads.metric == "batch_power"]
+    # the headline point: the largest batch and the smallest fraction at or above 1 %
+    assert set(power.headline_point) == {"n=1000, p=0.02"}
+    assert power.iloc[0]["mean"] == pytest.approx(np.mean([0.02, 0.12, 0.22]))
+    robust = heads[heads.metric == "robust_accuracy"].iloc[0]
+    assert robust["min"] == 0.0 and robust["max"] == pytest.approx(0.02)
+
+
+def test_other_grid_keys_group_the_intervals(tmp_path):
+    for eps in (0.05, 0.1):
+        for seed in (0, 1):
+            _point(tmp_path, f"eps-{eps}__seed-{seed}", {"seed": seed, "eps": eps}, auroc_shift=eps)
+    heads = aggregate.headlines(aggregate.collect(tmp_path), ["eps", "seed"])
+    auroc = heads[(heads.metric == "auroc") & (heads.detector == "particul")]
+    assert sorted(auroc.eps) == [0.05, 0.1] and (auroc.n_seeds == 2).all()
+
+
+def test_one_seed_gives_no_interval(tmp_path):
+    _point(tmp_path, "seed-0", {"seed": 0})
+    heads = aggregate.headlines(aggregate.collect(tmp_path), ["seed"])
+    assert heads.low.isna().all() and (heads.n_seeds == 1).all()
+
+
+def test_no_sweep_reads_as_none(tmp_path, monkeypatch):
+    monkeypatch.setenv("TAMPERBENCH_DATA", str(tmp_path))
+    assert aggregate.load_headlines("ci", "seeds") is None
