@@ -1,6 +1,8 @@
 # Two commands for a newcomer (see README.md):
 #   make book   set-up if needed, prepare the data, run every notebook, build the HTML
 #   make test   the same set-up, then the tests
+# and one to measure the spread over seeds (or any grid of _config.yml's sweeps:):
+#   make sweep SWEEP=seeds [PROFILE=cpu]   each point a Ray task; then make book shows the spread
 # and one to send the report:
 #   make share  the built report as one zip archive that opens from disk, offline
 PROFILE ?= cpu
@@ -12,7 +14,7 @@ RAW_FMNIST    := data/datasets/FashionMNIST/raw/train-images-idx3-ubyte
 HTML    := book/_build/html
 ARCHIVE := book/_build/tamperbench-report.zip
 
-.PHONY: book test setup data browser notebooks html share clean-book
+.PHONY: book test setup data browser notebooks html share clean-book sweep
 
 setup: $(STAMP)
 
@@ -65,6 +67,11 @@ book: notebooks html
 share:
 	@test -f $(HTML)/index.html || { echo "no report built yet: run make book first"; exit 1; }
 	$(PY) -m tamperbench share $(HTML) $(ARCHIVE)
+
+# a sweep never runs as part of make book; the reproduce chapter shows it once it has run
+SWEEP ?= seeds
+sweep: data
+	$(PY) -m tamperbench sweep $(SWEEP) $(if $(filter command line,$(origin PROFILE)),--profile $(PROFILE))
 
 test: data browser
 	$(PY) -m pytest

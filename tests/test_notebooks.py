@@ -39,6 +39,7 @@ def test_book_builds_without_warnings(ci_site):
     for nb in config.list_notebooks():
         assert (html / f"{nb.stem}.html").exists()
     assert (html / "references.html").exists()
+    assert (html / "discussion.html").exists() and len(list((html / "literature").glob("*.html"))) == 6
 
 
 @pytest.mark.slow

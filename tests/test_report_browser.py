@@ -27,7 +27,9 @@ LEFTOVER_MARKUP = ("{glue", "{cite", "{numref", "{doc}", "<Figure size", "<Axes:
 #: The landing page (index.html forwards to intro.html) and a results page
 SCREENSHOTS = {"landing": "index", "results_04_detection": "04_detection", "results_05_tampered_datasets": "05_tampered_datasets",
                "results_06_openood": "06_openood", "results_07_adaptive": "07_adaptive",
-               "results_08_model_tampering": "08_model_tampering"}
+               "results_08_model_tampering": "08_model_tampering", "literature_adversarial_detection":
+               "literature/adversarial_detection", "methods": "09_methods", "discussion": "discussion",
+               "reproduce": "90_reproduce"}
 #: Chromium's flags for a closed network: no background connections, no first-run, no sandbox
 #: (tests run as root), a fresh profile.
 CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
@@ -71,7 +73,8 @@ def _ids(page: Path) -> frozenset[str]:
 
 
 def _pages(html: Path) -> list[Path]:
-    return sorted(html.glob("*.html"))
+    """The report's pages: the top level and the literature review's folder."""
+    return sorted([*html.glob("*.html"), *html.glob("literature/*.html")])
 
 
 def _problems(driver, page: Path, html: Path) -> list[str]:
@@ -149,8 +152,9 @@ def test_every_page_reads_as_a_report(ci_site, browser):
     _, html = ci_site
     pages = _pages(html)
     chapters = {p.stem for p in pages}
-    assert {"index", "intro", "01_classifier", "04_detection", "07_adaptive", "08_model_tampering", "90_reproduce",
-            "references"} <= chapters, chapters
+    assert {"index", "intro", "01_classifier", "04_detection", "07_adaptive", "08_model_tampering", "09_methods",
+            "discussion", "90_reproduce", "references", "xai_cbr", "ood_detection", "adversarial_examples",
+            "adversarial_detection", "dataset_shift", "model_tampering"} <= chapters, chapters
     report = {p.name: _problems(browser, p, html) for p in pages}
     bad = {name: probs for name, probs in report.items() if probs}
     assert not bad, "\n".join(f"{name}:\n  " + "\n  ".join(probs[:10]) for name, probs in bad.items())

@@ -1,4 +1,4 @@
-"""Command line: ``python -m tamperbench run|build|list|share|prepare-data ...``."""
+"""Command line: ``python -m tamperbench run|sweep|build|list|share|prepare-data ...``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import config, data, runner, share
+from . import config, data, runner, share, sweep
 
 OVERRIDES_HELP = """\
 overrides (-p KEY=VALUE, repeatable):
@@ -19,6 +19,18 @@ overrides (-p KEY=VALUE, repeatable):
   training, attack suite, particul) changed for only some chapters (--only) would make the book
   inconsistent: the runner refuses it, unless the run is a --variant with its own book.
   python -m tamperbench list  shows every notebook's parameters, attacks, detectors, datasets.
+"""
+
+
+SWEEP_HELP = """\
+examples:
+  python -m tamperbench sweep seeds                        (the sweeps: block of _config.yml)
+  python -m tamperbench sweep seeds --profile ci --grid seed=0,1
+  python -m tamperbench sweep eps --grid seed=0,1,2 --grid attack_suite.pgd.eps=0.05,0.1 --only 04_detection
+  python -m tamperbench sweep seeds --address ray://head:10001   (an existing Ray cluster)
+Each point writes to data/results/<profile>/sweeps/<sweep>/<point>/; a rerun skips completed
+points; a failed point is reported and the others go on (exit status 1 if any failed). The
+tables of all points are under <sweep>/aggregate/, the across-seed intervals in headlines.csv.
 """
 
 
@@ -45,6 +57,18 @@ def main(argv: list[str] | None = None) -> int:
                      "data/results/<profile>/variants/NAME/ and build that variant's own book there")
     run.add_argument("--book-dir", help="where executed notebooks go (default: book/, or the variant's book)")
     run.add_argument("--quiet", action="store_true", help="do not stream each notebook's cells and outputs")
+    swp = sub.add_parser("sweep", help="rerun the study over a grid (seeds, parameters) as Ray tasks, then aggregate",
+                         epilog=SWEEP_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    swp.add_argument("name", help="a sweep of _config.yml's sweeps: section, or a new name with --grid")
+    swp.add_argument("--profile", help="ci, cpu or gpu (default: the sweep's profile, else the default profile)")
+    swp.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                     help="a grid key and its values (repeatable; adds to or replaces the config's)")
+    swp.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE", help="fix a parameter for every point")
+    swp.add_argument("--only", action="append", metavar="NOTEBOOK", help="run only this notebook in each point (repeatable)")
+    swp.add_argument("--address", help="an existing Ray cluster (default: $RAY_ADDRESS, else a local Ray instance)")
+    swp.add_argument("--cpus-per-point", type=float, help="CPUs each point asks Ray for (default: all of a node's)")
+    swp.add_argument("--force", action="store_true", help="rerun points that completed earlier")
+    swp.add_argument("--dry-run", action="store_true", help="validate and list the points, run nothing")
     bld = sub.add_parser("build", help="build the HTML report (refuses a book with a failed or missing chapter)")
     bld.add_argument("--variant", metavar="NAME", help="build this variant's book instead of book/")
     bld.add_argument("--profile", help="the variant's profile (default: the config's default_profile)")
@@ -65,6 +89,17 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "share":
             out = share.make_archive(args.html, args.archive)
             print(f"{out} ({out.stat().st_size / 2**20:.1f} MiB): unzip anywhere and open tamperbench-report/index.html")
+        elif args.command == "sweep":
+            plan = sweep.plan(args.name, args.profile, sweep.parse_grid(args.grid), _overrides(args.param), args.only,
+                              args.cpus_per_point)
+            print(f"Sweep {plan.sweep!r} ({plan.profile} profile): {len(plan.points)} point(s), "
+                  f"{', '.join(plan.notebooks) if plan.notebooks else 'every notebook'}, each asking Ray for {plan.resources}")
+            if args.dry_run:
+                for pt in plan.points:
+                    print(f"  {pt.name}: {pt.overrides}" + ("  (completed)" if sweep.completed(plan, pt) else ""))
+                return 0
+            log = sweep.run(plan, address=args.address, force=args.force)
+            return 1 if (log.status == "failed").any() else 0
         elif args.command == "build":
             book = runner.BOOK_DIR
             if args.variant:

@@ -166,8 +166,10 @@ CONSISTENT_KEYS = tuple(k for k in config.SHARED_TYPES if k != "device")
 #: The chapter that says how a book was built; a variant's book always includes it.
 REPRODUCE_CHAPTER = "90_reproduce"
 #: The book's own sources, copied into a variant's book.
-BOOK_SOURCES = ("_config.yml", "_toc.yml", "intro.md", "references.md", "references.bib", "_ext")
+BOOK_SOURCES = ("_config.yml", "_toc.yml", "intro.md", "discussion.md", "literature", "references.md", "references.bib", "_ext")
 _VARIANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+#: a sweep's point (tamperbench.sweep): its results go to results/<profile>/sweeps/<sweep>/<point>/
+_SWEEP_POINT = re.compile(r"^sweeps/[A-Za-z0-9][A-Za-z0-9_-]{0,63}/[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
 def variant_book_dir(profile: str, variant: str) -> Path:
@@ -265,7 +267,7 @@ def run(
 
     cfg = config.load(config_path, notebooks_dir)
     profile = cfg.check_profile(profile or cfg.default_profile)
-    if variant is not None and not _VARIANT.match(variant):
+    if variant is not None and not (_VARIANT.match(variant) or _SWEEP_POINT.match(variant)):
         raise config.ConfigError(f"variant name {variant!r} must be letters, digits, '_' or '-' (at most 64)")
     notebooks = config.list_notebooks(notebooks_dir)
     if only:
