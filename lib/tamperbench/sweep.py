@@ -269,8 +269,9 @@ def run(p: Plan, address: str | None = None, force: bool = False, log: Callable[
             received = time.time()
             try:
                 rec = ray.get(ready[0])
-            except Exception as exc:  # the worker itself died (memory, node lost): the point failed
-                rec = {"point": pt.name, "values": pt.values, "status": "failed", "error": f"{type(exc).__name__}: {exc}",
+            except Exception as exc:  # the task raised, or its worker died (memory, node lost): the point failed
+                cause = getattr(exc, "cause", None) or exc  # Ray wraps what the task raised
+                rec = {"point": pt.name, "values": pt.values, "status": "failed", "error": f"{type(cause).__name__}: {cause}",
                        "run_seconds": float("nan"), "started": float("nan"), "finished": float("nan")}
                 atomic.write_text(p.directory / pt.name / aggregate.POINT_FILE, json.dumps(rec, indent=1, default=str))
             finished += 1
