@@ -223,8 +223,8 @@ def _connect(address: str | None, cpus: int | None):
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=False)
-    else:  # a small local instance: the notebooks' kernels need the memory, not Ray's object store
-        ray.init(num_cpus=cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+    else:  # a new, small local instance ("local": never another driver's): the kernels need the memory
+        ray.init(address="local", num_cpus=cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
                  object_store_memory=100 * 2**20)
     return ray
 
