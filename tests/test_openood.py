@@ -133,6 +133,7 @@ def test_the_cifar10_benchmark_runs_end_to_end_and_reports_what_it_skipped(tiny_
                        "detector_params": {"knn": {"k": 5}, "vim": {"d": 16}},
                        "n_covariate": 20, "n_perturbation": 4}}}
     study["default_profile"] = "tiny_cifar"
+    study.pop("sweeps", None)  # they name the real profiles
     cfg = tmp_path / "_config.yml"
     cfg.write_text(yaml.safe_dump(study))
     book = tmp_path / "book"

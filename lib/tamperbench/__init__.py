@@ -27,6 +27,8 @@ The package is deliberately thin. Notebooks call it; each module does one job:
 - :mod:`tamperbench.results`    tidy CSV tables and PNG figures per notebook, with provenance;
 - :mod:`tamperbench.report`     what a chapter shows: parameters, glued numbers, tables;
 - :mod:`tamperbench.runner`     executes the notebooks with Papermill, builds the book;
+- :mod:`tamperbench.sweep`      grids of runs (seeds, parameters) as Ray tasks, each an isolated variant;
+- :mod:`tamperbench.aggregate`  a sweep's tables over all points, and across-seed intervals;
 - :mod:`tamperbench.catalog`    ``python -m tamperbench list``: what exists;
 - :mod:`tamperbench.share`      the built report as one archive that opens offline.
 """
