@@ -59,9 +59,12 @@ def test_other_grid_keys_group_the_intervals(tmp_path):
     for eps in (0.05, 0.1):
         for seed in (0, 1):
             _point(tmp_path, f"eps-{eps}__seed-{seed}", {"seed": seed, "eps": eps}, auroc_shift=eps)
+    _point(tmp_path, "eps-0.2__seed-0", {"seed": 0, "eps": 0.2}, auroc_shift=0.01)  # one seed at this ε
     heads = aggregate.headlines(aggregate.collect(tmp_path), ["eps", "seed"])
-    auroc = heads[(heads.metric == "auroc") & (heads.detector == "particul")]
-    assert sorted(auroc.eps) == [0.05, 0.1] and (auroc.n_seeds == 2).all()
+    auroc = heads[(heads.metric == "auroc") & (heads.detector == "particul")].set_index("eps")
+    assert sorted(auroc.index) == [0.05, 0.1, 0.2]
+    assert auroc.n_seeds.to_dict() == {0.05: 2, 0.1: 2, 0.2: 1}
+    assert auroc.sweep_seeds.to_dict() == {0.05: 2, 0.1: 2, 0.2: 1}  # the seeds run at that ε, not in the whole sweep
 
 
 def test_one_seed_gives_no_interval(tmp_path):
@@ -73,3 +76,32 @@ def test_one_seed_gives_no_interval(tmp_path):
 def test_no_sweep_reads_as_none(tmp_path, monkeypatch):
     monkeypatch.setenv("TAMPERBENCH_DATA", str(tmp_path))
     assert aggregate.load_headlines("ci", "seeds") is None
+
+
+def test_a_pair_only_some_seeds_produced_keeps_its_seeds_and_says_so(tmp_path):
+    """A tiny profile can leave one seed without enough examples of an attack for a detector:
+    the pair then has fewer seeds than the sweep, named, and no interval from one seed."""
+    for seed in (0, 1):
+        _point(tmp_path, f"seed-{seed}", {"seed": seed}, auroc_shift=0.01 * seed)
+    extra = tmp_path / "seed-0" / "04_detection" / "detection.csv"
+    det = pd.read_csv(extra)
+    pd.concat([det, det.assign(detector="lid", auroc=0.8).iloc[:1]]).to_csv(extra, index=False)
+    heads = aggregate.headlines(aggregate.collect(tmp_path), ["seed"]).set_index(["metric", "detector", "attack"],
+                                                                               drop=False)
+    lid = heads.loc[("auroc", "lid", "pgd")]
+    assert lid.n_seeds == 1 and lid.sweep_seeds == 2 and lid.seeds == "0" and np.isnan(lid.low) and np.isnan(lid.high)
+    both = heads.loc[("auroc", "particul", "pgd")]
+    assert both.n_seeds == 2 and both.sweep_seeds == 2 and both.seeds == "0 1" and both.low < both["mean"] < both.high
+
+
+def test_summaries_leave_out_what_only_some_seeds_produced(tmp_path):
+    for seed in (0, 1):
+        _point(tmp_path, f"seed-{seed}", {"seed": seed}, auroc_shift=0.05 * seed)
+    det = pd.read_csv(tmp_path / "seed-1" / "04_detection" / "detection.csv")
+    det.iloc[:1].to_csv(tmp_path / "seed-1" / "04_detection" / "detection.csv", index=False)  # seed 1 lacks msp
+    heads = aggregate.headlines(aggregate.collect(tmp_path), ["seed"])
+    complete, partial = aggregate.split_partial(heads[heads.metric == "auroc"])
+    assert list(complete.detector) == ["particul"] and list(partial.detector) == ["msp"]
+    assert (complete["max"] - complete["min"]).iloc[0] == pytest.approx(0.05)  # the one-seed 0 spread is not in it
+    old = heads.drop(columns=["sweep_seeds", "seeds"])  # a table written before those columns
+    assert list(aggregate.split_partial(old[old.metric == "auroc"])[1].detector) == ["msp"]

@@ -189,11 +189,19 @@ def test_deepfool_with_every_class_reaches_its_bound_when_an_image_resists(victi
 
 def test_boundary_records_the_iterations_it_ran_and_spends_its_budget(victim):
     trained, x, y = victim
-    rec = attacks.attack("boundary", trained, max_iter=8, num_trial=25, sample_size=5).generate(x[:4], y[:4])
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rec = attacks.attack("boundary", trained, max_iter=8, num_trial=25, sample_size=5).generate(x[:4], y[:4])
     assert rec.iterations.shape == (4,) and rec.iterations.dtype == np.int64
     started = rec.success  # an image with no adversarial start returns unchanged, after 0 iterations
     assert started.sum() >= 2
-    assert (rec.iterations[started] == 8).all() and (rec.iterations[~started] == 0).all()
+    # ART may give up on an image when its step sizes collapse (a float-level event): then, and
+    # only then, fewer than 8 iterations are recorded, and the attack says so
+    stopped_early = any(issubclass(w.category, attacks.AttackWarning) and "gave up before max_iter" in str(w.message) for w in caught)
+    assert (rec.iterations[started] == 8).all() or (stopped_early and (rec.iterations[started] <= 8).all())
+    assert (rec.iterations[~started] == 0).all()
     other = attacks.attack("fgsm", trained, eps=0.1).generate(x[:4], y[:4])
     assert (other.iterations == -1).all()
 

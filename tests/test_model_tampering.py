@@ -43,8 +43,11 @@ def test_boundary_markers_are_the_closest_to_the_boundary(small):
     trained, _, test = small
     markers = mt.select_markers("boundary", trained, test, 10)
     gaps = mt.logit_gaps(trained.model, markers.x)
-    assert (np.diff(gaps) >= -1e-6).all()  # queried smallest gap first
-    assert gaps.max() <= np.sort(mt.logit_gaps(trained.model, test.x))[9] + 1e-6
+    # queried smallest gap first; the gaps are recomputed in other batch sizes, so float32
+    # summation order may move them by a few ulps of the largest gap
+    tol = 1e-5 * max(1.0, float(np.abs(gaps).max()))
+    assert (np.diff(gaps) >= -tol).all()
+    assert gaps.max() <= np.sort(mt.logit_gaps(trained.model, test.x))[9] + tol
 
 
 def test_every_tampering_changes_the_weights_and_leaves_the_original_alone(small):

@@ -101,7 +101,7 @@ def test_openood_chapter_writes_the_issue_tables_and_keeps_its_protocol(ci_book)
     assert set(ood.group) == {"near", "far", "covariate"}
     assert {"particul", "particul_published", "msp", "knn"} <= set(ood.detector)
     assert (ood.n_id == 2000).all()  # the ci profile's cap on the ID side
-    perturbation = pd.read_csv(res / "perturbation.csv")
+    perturbation = pd.read_csv(res / "perturbation.csv", float_precision="round_trip")  # ρ exactly as written
     assert list(perturbation.columns[:4]) == ["detector", "perturbation", "spearman", "flagged"]
     wrong_way = ((perturbation.expected == "falls") & (perturbation.spearman >= -0.3)) | (
         (perturbation.expected == "rises") & (perturbation.spearman <= 0.3)) | perturbation.spearman.isna()

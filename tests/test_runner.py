@@ -113,12 +113,17 @@ def test_sigterm_leaves_no_file_in_book(study, tmp_path):
     import time
 
     nb_dir, book, cfg = study
-    write_notebook(nb_dir / "01_first.md", SHARED_CELL + "\nk = 1", "import time; time.sleep(60)")
+    marker = tmp_path / "in_the_cell"
+    write_notebook(nb_dir / "01_first.md", SHARED_CELL + "\nk = 1",
+                   f"import pathlib, time; pathlib.Path({str(marker)!r}).touch(); time.sleep(60)")
     script = (f"from tamperbench import runner; runner.run('cpu', book_dir={str(book)!r}, notebooks_dir={str(nb_dir)!r},"
               f" config_path={str(cfg)!r}, log=print)")
     proc = subprocess.Popen([sys.executable, "-c", script], env=os.environ.copy(), stdout=subprocess.PIPE, text=True)
     assert "01_first: running" in proc.stdout.readline()
-    time.sleep(8)  # the kernel is up and sleeping in the cell
+    deadline = time.monotonic() + 120
+    while not marker.exists() and time.monotonic() < deadline:  # the kernel is up and sleeping in the cell
+        time.sleep(0.2)
+    assert marker.exists(), "the notebook's cell never started"
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
     assert proc.returncode != 0
@@ -214,3 +219,28 @@ def test_list_names_what_exists(capsys):
                      "eps=0.1 [in [0, clip_max]]", "particul: num_parts=4", "lid *:", "fashion_mnist [id]",
                      "mnist_subset [ood]", "cifar10: near = cifar100, tin", "blur: Gaussian blur"):
         assert expected in out, expected
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"detector_params.knn.kk": 3}, r"04_detection \(ci\): detector_params\.knn: unknown parameter 'kk' \(did you mean 'k'\?\); "
+                                    r"valid parameters: n_fit, seed, device, batch_size, k, normalize"),
+    ({"detector_params.lid.k": 1}, r"detector_params\.lid: k must be an int in \[2, n_reference\)"),
+    ({"detector_params.knn": 3}, r"detector_params\.knn must be a mapping"),
+    ({"detector_params.nosuch.k": 3}, r"detector_params names unknown detector 'nosuch'; valid detectors: particul"),
+])
+def test_a_detector_parameter_typo_fails_before_any_kernel_starts(tmp_path, monkeypatch, override, message):
+    """The study's own configuration: a bad detector parameter is refused up front, not inside chapter 4."""
+    monkeypatch.setattr(runner, "ensure_kernel", lambda: pytest.fail("a kernel was started"))
+    book = tmp_path / "book"
+    book.mkdir()
+    with pytest.raises(config.ConfigError, match=message):
+        runner.run("ci", book_dir=book, overrides=override, log=lambda m: None)
+    assert not any(book.iterdir())
+
+
+def test_cli_names_a_detector_parameter_typo_in_one_line(capsys):
+    from tamperbench.__main__ import main
+
+    assert main(["run", "--profile", "ci", "-p", "detector_params.knn.kk=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown parameter 'kk'" in err and "valid parameters:" in err and len(err.strip().splitlines()) == 1

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -149,10 +150,32 @@ def test_overhead_is_wall_time_less_the_points_run_time():
 
 # --- the real thing: a ci-profile sweep over two seeds under local Ray ---------------------------
 
+def _pairs_with_auroc(detection: pd.DataFrame) -> set[tuple[str, str]]:
+    finite = detection[np.isfinite(detection.auroc.astype(float))]
+    return set(zip(finite.detector, finite.attack))
+
+
+# chapter 4 cut to what the sweep's checks need (three attacks, one PARTICUL fit, four detectors):
+# a point is a whole chapter run, and the second seed retrains and reattacks from scratch
+SMALL_CHAPTER_4 = {
+    "attack_suite": {"fgsm": {"n": 40, "eps": 0.1}, "bim": {"n": 40, "eps": 0.1, "eps_step": 0.02, "max_iter": 5},
+                     "deepfool": {"n": 40, "max_iter": 5}},
+    "particul_search": {"layers": ["block2"], "num_parts": [4], "multi_layer": False},
+    "unsupervised": ["particul", "msp", "knn"], "supervised": ["lid"], "transfer_attacks": ["fgsm", "bim", "deepfool"],
+    "subset_layers": ["block1"], "subset_attacks": ["fgsm"],
+}
+
+
+@pytest.mark.slow
 def test_a_ci_seed_sweep_runs_under_local_ray_and_aggregates(ci_book):
     """Two seeds of chapter 4 in the ci profile, each a Ray task writing to its own folder; the
-    aggregated AUROC table has both seeds for every (detector, attack) and an interval."""
-    p = sweep.plan("seeds", profile="ci", grid={"seed": [0, 1]}, only=["04_detection"])
+    aggregated AUROC table has both seeds for every (detector, attack) that both produced, with
+    an interval, and says which seed produced a pair the other did not. Which pairs a tiny
+    profile produces depends on attack outcomes at the margin (a machine's floats can leave an
+    attack with too few examples for a detector), so the expectation is read from what each
+    seed wrote, never fixed here."""
+    p = sweep.plan("test_seeds", profile="ci", grid={"seed": [0, 1]}, overrides=SMALL_CHAPTER_4, only=["04_detection"])
+    # after the ci book (the same pytest worker: tests/conftest.py), so seed 0 reuses its cache
     main_log = paths.results_dir("ci") / "run_log.csv"
     before = main_log.read_text() if main_log.exists() else None
     messages = []
@@ -161,18 +184,28 @@ def test_a_ci_seed_sweep_runs_under_local_ray_and_aggregates(ci_book):
 
     ray.shutdown()
     assert (log.status == "done").all(), log.error.tolist()
+    produced = {}
     for seed in (0, 1):
         point = p.directory / f"seed-{seed}"
         det = pd.read_csv(point / "04_detection" / "detection.csv")
         assert (det.seed == seed).all()  # each point wrote its own results
         assert (point / "book" / "04_detection.ipynb").exists() and (point / "run_log.csv").exists()
+        produced[seed] = _pairs_with_auroc(det)
     assert (main_log.read_text() if main_log.exists() else None) == before  # the main run is untouched
     table = pd.read_csv(p.directory / "aggregate" / "04_detection" / "detection.csv")
     assert set(table.seed) == {0, 1} and set(table.point) == {"seed-0", "seed-1"}
-    heads = pd.read_csv(p.directory / aggregate.HEADLINES_FILE)
-    auroc = heads[heads.metric == "auroc"]
-    assert len(auroc) and (auroc.n_seeds == 2).all()
-    assert ((auroc.low <= auroc["mean"]) & (auroc["mean"] <= auroc.high)).all()
+    heads = pd.read_csv(p.directory / aggregate.HEADLINES_FILE, dtype={"seeds": str})
+    auroc = heads[heads.metric == "auroc"].set_index(["detector", "attack"])
+    assert set(auroc.index) == produced[0] | produced[1]
+    both = produced[0] & produced[1]
+    assert both, "the two seeds share no (detector, attack) pair"
+    for pair, row in auroc.iterrows():
+        seeds = [s for s in (0, 1) if pair in produced[s]]
+        assert (row.n_seeds, row.sweep_seeds, row.seeds) == (len(seeds), 2, " ".join(map(str, seeds))), pair
+        if len(seeds) == 2:
+            assert row.low <= row["mean"] <= row.high, pair
+        else:  # one seed: no interval, and the reproduce chapter lists it apart
+            assert np.isnan(row.low) and np.isnan(row.high), pair
     assert any("Ray's overhead" in m for m in messages)
     # a rerun skips both points
     again = sweep.run(p, log=messages.append)

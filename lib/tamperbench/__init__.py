@@ -35,4 +35,20 @@ The package is deliberately thin. Notebooks call it; each module does one job:
 
 __version__ = "0.1.0"
 
-from . import cache, config, data, models, paths, plots, report, results  # noqa: E402,F401  (tb.data.load(...) in notebooks)
+import importlib
+
+#: submodules reached as attributes (``tb.data.load(...)`` in notebooks), imported on first use:
+#: importing the package stays cheap (no torch) for what needs only paths, config or the runner
+_SUBMODULES = ("adaptive", "aggregate", "atomic", "attacks", "batch", "benchmark", "cache", "catalog", "config", "data",
+               "detectors", "metrics", "model_tampering", "models", "openood", "particul_search", "paths",
+               "perturbations", "plots", "report", "results", "runner", "share", "suite", "sweep", "tampering")
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_SUBMODULES])

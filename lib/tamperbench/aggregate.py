@@ -9,7 +9,9 @@ what the completed points wrote:
   points, with a ``point`` column and one column per grid key (a dotted key keeps its name);
 - :func:`intervals`: per group, the mean of a metric over seeds with a two-sided Student-t
   interval, :math:`\\bar x \\pm t_{0.975,\\,n-1}\\, s/\\sqrt{n}`, and the range. Two seeds give
-  a wide interval: it says how little two seeds pin down, which is the honest answer;
+  a wide interval: it says how little two seeds pin down, which is the honest answer. A group
+  that only some seeds produced keeps the seeds it has, and says so (``n_seeds`` of
+  ``sweep_seeds``, the ``seeds`` themselves); one seed gives no interval;
 - :func:`headlines`: those intervals for the study's headline metrics (per-sample AUROC per
   detector and attack, batch power at the headline point, robust accuracy with detection);
 - :func:`write` puts both under ``<sweep>/aggregate/`` and ``<sweep>/headlines.csv``.
@@ -70,28 +72,40 @@ def collect(directory: Path) -> dict[str, pd.DataFrame]:
     return {name: pd.concat(parts, ignore_index=True) for name, parts in frames.items()}
 
 
-def intervals(df: pd.DataFrame, keys: list[str], value: str, across: str = "seed", level: float = 0.95) -> pd.DataFrame:
+def intervals(df: pd.DataFrame, keys: list[str], value: str, across: str = "seed", level: float = 0.95,
+              scope: list[str] | None = None) -> pd.DataFrame:
     """Mean of ``value`` over ``across`` per ``keys``, with a Student-t interval at ``level``.
 
-    One value per (keys, across) is expected; duplicates are averaged first. With a single
-    seed the interval is undefined (NaN), not zero."""
+    One value per (keys, across) is expected; duplicates are averaged first. ``seeds`` lists the
+    seeds that produced a finite value and ``sweep_seeds`` counts the seeds of the sweep (within
+    the same values of the ``scope`` keys, e.g. the other grid keys), so a group that only some
+    seeds produced (a tiny profile can leave an attack with too few examples for a detector in
+    one seed) reads as such: ``n_seeds < sweep_seeds``. With a single seed the interval is
+    undefined (NaN), not zero."""
     from scipy import stats
 
+    columns = [*keys, "n_seeds", "sweep_seeds", "seeds", "mean", "std", "low", "high", "min", "max"]
     if df.empty:
-        return pd.DataFrame(columns=[*keys, "n_seeds", "mean", "std", "low", "high", "min", "max"])
+        return pd.DataFrame(columns=columns)
+    scope = list(scope or [])
+    in_scope = (df.groupby(scope, dropna=False)[across].nunique() if scope else None)
     per_seed = df.groupby([*keys, across], dropna=False)[value].mean().reset_index()
     rows = []
     for group, part in per_seed.groupby(keys, dropna=False, sort=True):
+        values = dict(zip(keys, group if isinstance(group, tuple) else (group,)))
         x = part[value].astype(float).to_numpy()
-        x = x[np.isfinite(x)]
+        finite = np.isfinite(x)
+        x, seeds = x[finite], part[across].to_numpy()[finite]
         n = len(x)
         mean = float(x.mean()) if n else float("nan")
         std = float(x.std(ddof=1)) if n > 1 else float("nan")
         half = float(stats.t.ppf(0.5 + level / 2, n - 1) * std / np.sqrt(n)) if n > 1 else float("nan")
-        rows.append({**dict(zip(keys, group if isinstance(group, tuple) else (group,))), "n_seeds": n, "mean": mean,
-                     "std": std, "low": mean - half, "high": mean + half,
+        total = (int(in_scope.loc[tuple(values[k] for k in scope) if len(scope) > 1 else values[scope[0]]])
+                 if scope else int(df[across].nunique()))
+        rows.append({**values, "n_seeds": n, "sweep_seeds": total, "seeds": " ".join(str(s) for s in sorted(seeds)),
+                     "mean": mean, "std": std, "low": mean - half, "high": mean + half,
                      "min": float(x.min()) if n else float("nan"), "max": float(x.max()) if n else float("nan")})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=columns)
 
 
 @dataclass(frozen=True)
@@ -137,11 +151,11 @@ def headlines(tables: dict[str, pd.DataFrame], grid_keys: list[str]) -> pd.DataF
             continue
         df = _headline_rows(h, df)
         extra = ["headline_point"] if "headline_point" in df else []
-        out = intervals(df, [*others, *extra, *h.keys], h.value)
+        out = intervals(df, [*others, *extra, *h.keys], h.value, scope=others)
         out.insert(0, "metric", h.metric)
         parts.append(out)
     if not parts:
-        return pd.DataFrame(columns=["metric", "n_seeds", "mean", "std", "low", "high", "min", "max"])
+        return pd.DataFrame(columns=["metric", "n_seeds", "sweep_seeds", "seeds", "mean", "std", "low", "high", "min", "max"])
     return pd.concat(parts, ignore_index=True)
 
 
@@ -156,6 +170,16 @@ def write(directory: Path, grid_keys: list[str]) -> tuple[dict[str, pd.DataFrame
     with atomic.atomic_path(directory / HEADLINES_FILE) as tmp:
         heads.to_csv(tmp, index=False)
     return tables, heads
+
+
+def split_partial(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the rows every seed of the sweep produced, the rows only some seeds produced). A partial
+    row has a spread of 0 and no interval from one seed: averaged in, it would make the seeds
+    look closer than they are, so summaries use the first and list the second apart. A table
+    written before ``sweep_seeds`` existed counts the most seeds any row has."""
+    total = rows["sweep_seeds"] if "sweep_seeds" in rows else rows["n_seeds"].max()
+    complete = rows["n_seeds"] >= total
+    return rows[complete], rows[~complete]
 
 
 def load_headlines(profile: str, sweep: str) -> pd.DataFrame | None:

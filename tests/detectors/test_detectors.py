@@ -72,8 +72,12 @@ def test_every_unsupervised_detector_separates_noise_and_not_identical_sets(setu
     floor = 0.75 if name in ("feature_squeezing", "feature_response") else 0.9
     assert metrics.detection_metrics(clean, noise)["auroc"] > floor, name
     half = len(test) // 2
-    same = metrics.detection_metrics(clean[:half], det.score(test.x[:half]))["auroc"]
-    assert same == pytest.approx(0.5, abs=0.02)  # identical inputs are indistinguishable
+    again = det.score(test.x[:half])  # the same images in another batch size
+    # identical inputs get the same score whatever their batch; exact equality would depend on
+    # the machine's summation order, and a rank-based statistic (subset scanning's p-values)
+    # may move a few of them by one rank
+    assert np.isclose(clean[:half], again, rtol=1e-4, atol=1e-5).mean() >= 0.95, name
+    assert metrics.detection_metrics(again, again)["auroc"] == pytest.approx(0.5)  # and cannot be told apart
 
 
 def test_feature_squeezing_ignores_what_squeezing_leaves_unchanged(setup):
@@ -136,6 +140,39 @@ def test_registry_and_interface_errors(setup):
         detector("ebo", device="cpu").fit(trained, train.take(0))
     with pytest.raises(DetectorError, match="feature_squeezing: bit_depth"):
         detector("feature_squeezing", bit_depth=0)
+
+
+@pytest.mark.parametrize("name", available())
+def test_a_parameter_typo_is_refused_at_construction_with_the_valid_ones(name):
+    from tamperbench.detectors import parameters
+
+    valid = parameters(name)
+    with pytest.raises(DetectorError, match=rf"^{name}: unknown parameter 'seeed' \(did you mean 'seed'\?\); "
+                                            rf"valid parameters: {', '.join(valid)}$"):
+        detector(name, seeed=1)
+
+
+def test_listed_parameters_are_the_ones_the_libraries_take(setup):
+    """Every parameter ``parameters`` lists for a pytorch-ood method reaches its constructor
+    without a TypeError (its own default passed explicitly), and real values are kept."""
+    import inspect
+
+    import pytorch_ood.detector as pod
+    from sklearn.neighbors import NearestNeighbors
+
+    from tamperbench.detectors import ood
+
+    trained, _, _ = setup
+    parts = ood.Parts(trained, torch.device("cpu"))
+    for method in ood.NAMES:
+        defaults = {n: p.default for n, p in inspect.signature(getattr(pod, ood._CLASSES[method]).__init__).parameters.items()}
+        defaults.update({n: p.default for n, p in inspect.signature(NearestNeighbors.__init__).parameters.items()}
+                        if method == "knn" else {})
+        given = {n: defaults[n] for n in ood.method_parameters(method) if defaults.get(n, inspect.Parameter.empty) is not inspect.Parameter.empty}
+        ood._builders()[method][0](parts, **given)  # a TypeError here means the list is wrong
+        assert detector(method, **given).params == given
+    knn = detector("knn", k=3, metric="manhattan", device="cpu").fit(trained, setup[1].take(100))
+    assert knn.ood.k == 3 and knn.ood.knn.metric == "manhattan"
 
 
 # ---------------------------------------------------------------- issue 11: as the authors ran them
@@ -229,7 +266,9 @@ def test_squeezer_selection_picks_the_best_set_on_the_data_it_is_given(setup):
     assert np.allclose(det.score(torch.from_numpy(adv[:10])), np.max(list(singles.values()), axis=0))
     pair = next(r for r in rows if r["bit_depth"] == 3 and r["median_window"] == 2)
     joint = metrics.detection_metrics(det.score(torch.from_numpy(clean)), det.score(torch.from_numpy(adv)))["auroc"]
-    assert pair["auroc"] == pytest.approx(joint)
+    # the same detector on the same images, scored in other batches: one flipped near-tie of
+    # the 40×40 pairs moves a rank statistic by 1/1600
+    assert pair["auroc"] == pytest.approx(joint, abs=1 / (len(clean) * len(adv)))
     with pytest.raises(DetectorError, match="enable at least one"):
         detector("feature_squeezing", bit_depth=None, median_window=None)
     with pytest.raises(DetectorError, match="window-patch-strength"):

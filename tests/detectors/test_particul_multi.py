@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tamperbench import data, models
-from tamperbench.detectors import DetectorError, detector
+from tamperbench.detectors import ParticulMultiLayer, DetectorError, detector
 from tamperbench.detectors import particul as pt
 
 
@@ -42,8 +42,10 @@ def test_multi_layer_reads_every_layer_in_one_forward_pass(trained_and_train):
 def test_multi_layer_refuses_bad_settings():
     with pytest.raises(DetectorError, match="at least two distinct layer names"):
         detector("particul_multi", layers=["block1"])
-    with pytest.raises(DetectorError, match="not `layer`"):
+    with pytest.raises(DetectorError, match=r"unknown parameter 'layer' \(did you mean 'layers'\?\)"):
         detector("particul_multi", layer="block1")
+    with pytest.raises(DetectorError, match="not `layer`"):  # the class itself says so too
+        ParticulMultiLayer(layer="block1")
     with pytest.raises(DetectorError, match="valid modes"):
         detector("particul_multi", mode="max")
     with pytest.raises(DetectorError, match="num_parts must be an int"):

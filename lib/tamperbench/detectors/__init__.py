@@ -11,7 +11,7 @@ from __future__ import annotations
 from functools import partial
 
 from . import ood
-from .base import Detector, DetectorError
+from .base import Detector, DetectorError, unknown_parameters
 from .feature_response import FeatureResponse
 from .feature_squeezing import FeatureSqueezing
 from .kd_bu import KDBU
@@ -42,10 +42,49 @@ def available() -> list[str]:
     return list(DETECTORS)
 
 
-def detector(name: str, **params) -> Detector:
-    """A new, unfitted detector ``name`` configured with ``params``."""
+def _init_parameters(cls: type) -> list[str]:
+    """The keyword parameters of ``cls``'s constructor, following ``**kw`` up the base classes."""
+    import inspect
+
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        sig = inspect.signature(vars(klass)["__init__"]).parameters.values()
+        names += [p.name for p in sig if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+                  and p.name not in names]
+        if not any(p.kind == p.VAR_KEYWORD for p in sig) or klass is Detector:
+            break
+    return names
+
+
+def parameters(name: str) -> list[str]:
+    """Every keyword parameter ``detector(name, ...)`` accepts."""
     if name not in DETECTORS:
         raise DetectorError(f"unknown detector {name!r}; valid detectors: {', '.join(available())}")
+    if name in ood.NAMES:
+        return ["n_fit", "seed", "device", "batch_size", *ood.method_parameters(name)]
+    names = _init_parameters(DETECTORS[name])
+    if name == "particul_multi":  # the rest are the single-layer detector's, per layer
+        names += [n for n in _init_parameters(Particul) if n not in names and n != "layer"]
+    return names
+
+
+def check_parameters(name: str, params: dict) -> None:
+    """Refuse, before any work, parameters that ``detector(name, ...)`` does not accept: one
+    error naming each unknown key (and a close valid one) and listing the valid parameters."""
+    if not isinstance(params, dict):
+        raise DetectorError(f"{name}: parameters must be a mapping of name to value, got {params!r}")
+    valid = parameters(name)
+    unknown = [k for k in params if k not in valid]
+    if unknown:
+        raise DetectorError(unknown_parameters(name, unknown, valid))
+
+
+def detector(name: str, **params) -> Detector:
+    """A new, unfitted detector ``name`` configured with ``params`` (unknown keys are refused
+    with the valid ones listed; values are checked by each detector's constructor)."""
+    check_parameters(name, params)
     try:
         return DETECTORS[name](**params)
     except TypeError as exc:  # an unknown keyword

@@ -24,6 +24,17 @@ class DetectorError(ValueError):
 INVALID_POLICIES = ("raise", "suspicious")
 
 
+def unknown_parameters(name: str, unknown, valid) -> str:
+    """One sentence naming the unknown parameters of detector ``name``, a close valid match for
+    each where there is one, and every valid parameter."""
+    import difflib
+
+    hints = [f"{k!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(k, valid, n=1)) else "")
+             for k in unknown]
+    return (f"{name}: unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; "
+            f"valid parameters: {', '.join(valid)}")
+
+
 def _validity(x: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(all values finite, all values in [0, 1]) per sample; NaN fails both."""
     flat = torch.as_tensor(x).reshape(len(x), -1).double()

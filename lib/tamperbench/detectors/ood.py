@@ -38,26 +38,54 @@ from .base import Detector, DetectorError, split
 
 
 def _builders() -> dict[str, tuple[Callable, bool]]:
-    """name → (build(parts, **params) → pytorch-ood detector, whether it needs fitting)."""
+    """name → (build(parts, **params) → pytorch-ood detector, whether it needs fitting). The
+    first argument is not named ``p``: that is a parameter of scikit-learn's NearestNeighbors,
+    which KNN passes on."""
     import pytorch_ood.detector as pd
 
     return {
-        "msp": (lambda p, **kw: pd.MaxSoftmax(p.model, **kw), False),
-        "odin": (lambda p, **kw: pd.ODIN(p.model, **{"eps": 0.0014, "temperature": 1000.0, **kw}), False),
-        "mds": (lambda p, **kw: pd.Mahalanobis(p.encoder, **kw), True),
-        "rmds": (lambda p, **kw: pd.RMD(p.encoder, **kw), True),
-        "ebo": (lambda p, **kw: pd.EnergyBased(p.model, **kw), False),
-        "mls": (lambda p, **kw: pd.MaxLogit(p.model, **kw), False),
-        "gen": (lambda p, **kw: pd.GEN(p.model, **kw), False),
-        "react": (lambda p, **kw: pd.ReAct(p.encoder, p.last, **{"percentile": 0.9, **kw}), True),
-        "ash": (lambda p, **kw: pd.ASH(p.trunk, p.head, **{"variant": "ash-s", "percentile": 0.65, **kw}), False),
-        "knn": (lambda p, **kw: pd.KNN(p.encoder, **{"k": 50, **kw}), True),
-        "vim": (lambda p, **kw: pd.ViM(p.encoder, w=p.last.weight, b=p.last.bias, **{"d": 64, **kw}), True),
-        "she": (lambda p, **kw: pd.SHE(p.encoder, p.last, **kw), True),
+        "msp": (lambda parts, **kw: pd.MaxSoftmax(parts.model, **kw), False),
+        "odin": (lambda parts, **kw: pd.ODIN(parts.model, **{"eps": 0.0014, "temperature": 1000.0, **kw}), False),
+        "mds": (lambda parts, **kw: pd.Mahalanobis(parts.encoder, **kw), True),
+        "rmds": (lambda parts, **kw: pd.RMD(parts.encoder, **kw), True),
+        "ebo": (lambda parts, **kw: pd.EnergyBased(parts.model, **kw), False),
+        "mls": (lambda parts, **kw: pd.MaxLogit(parts.model, **kw), False),
+        "gen": (lambda parts, **kw: pd.GEN(parts.model, **kw), False),
+        "react": (lambda parts, **kw: pd.ReAct(parts.encoder, parts.last, **{"percentile": 0.9, **kw}), True),
+        "ash": (lambda parts, **kw: pd.ASH(parts.trunk, parts.head, **{"variant": "ash-s", "percentile": 0.65, **kw}), False),
+        "knn": (lambda parts, **kw: pd.KNN(parts.encoder, **{"k": 50, **kw}), True),
+        "vim": (lambda parts, **kw: pd.ViM(parts.encoder, w=parts.last.weight, b=parts.last.bias, **{"d": 64, **kw}), True),
+        "she": (lambda parts, **kw: pd.SHE(parts.encoder, parts.last, **kw), True),
     }
 
 
 NAMES = ("msp", "odin", "mds", "rmds", "ebo", "mls", "gen", "react", "ash", "knn", "vim", "she")
+
+#: pytorch-ood class per method, and the constructor arguments this module fills from the model
+_CLASSES = {"msp": "MaxSoftmax", "odin": "ODIN", "mds": "Mahalanobis", "rmds": "RMD", "ebo": "EnergyBased",
+            "mls": "MaxLogit", "gen": "GEN", "react": "ReAct", "ash": "ASH", "knn": "KNN", "vim": "ViM", "she": "SHE"}
+_FROM_MODEL = {"model", "encoder", "backbone", "head", "w", "b"}
+#: scikit-learn NearestNeighbors arguments that KNN fixes itself (k is its own, n_jobs is -1)
+_KNN_FIXED = {"n_neighbors", "radius", "n_jobs"}
+
+
+def method_parameters(method: str) -> list[str]:
+    """The keyword parameters pytorch-ood's class for ``method`` accepts from a user: its
+    constructor's, less those built from the model here; for ``knn``, also the arguments it
+    passes on to scikit-learn's ``NearestNeighbors``. Read from the installed signatures, so a
+    new pytorch-ood version cannot make this list stale."""
+    import inspect
+
+    import pytorch_ood.detector as pd
+
+    sig = inspect.signature(getattr(pd, _CLASSES[method]).__init__).parameters
+    names = [n for n, p in sig.items() if n != "self" and n not in _FROM_MODEL
+             and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    if method == "knn":
+        from sklearn.neighbors import NearestNeighbors
+
+        names += [n for n in inspect.signature(NearestNeighbors.__init__).parameters if n not in {"self", *_KNN_FIXED}]
+    return names
 
 
 @contextlib.contextmanager
@@ -127,6 +155,12 @@ class PytorchOOD(Detector):
                  batch_size: int = 256, **params):
         if method not in NAMES:
             raise DetectorError(f"unknown detector {method!r}; valid detectors: {', '.join(NAMES)}")
+        valid = method_parameters(method)
+        unknown = [k for k in params if k not in valid]
+        if unknown:
+            from .base import unknown_parameters
+
+            raise DetectorError(unknown_parameters(method, unknown, ["n_fit", "seed", "device", "batch_size", *valid]))
         super().__init__(device=device, batch_size=batch_size)
         self.name, self.method, self.n_fit, self.seed, self.params = method, method, n_fit, seed, params
         self.ood = None
