@@ -105,3 +105,41 @@ def test_summaries_leave_out_what_only_some_seeds_produced(tmp_path):
     assert (complete["max"] - complete["min"]).iloc[0] == pytest.approx(0.05)  # the one-seed 0 spread is not in it
     old = heads.drop(columns=["sweep_seeds", "seeds"])  # a table written before those columns
     assert list(aggregate.split_partial(old[old.metric == "auroc"])[1].detector) == ["msp"]
+
+
+def test_a_seed_that_wrote_no_row_of_a_metric_still_counts(tmp_path):
+    for seed in (0, 1):
+        _point(tmp_path, f"seed-{seed}", {"seed": seed})
+    (tmp_path / "seed-1" / "07_adaptive" / "robust_at_headline.csv").unlink()  # seed 1 never reached chapter 7's table
+    _, heads = aggregate.write(tmp_path, ["seed"])
+    robust = heads[heads.metric == "robust_accuracy"].iloc[0]
+    assert (robust.n_seeds, robust.sweep_seeds) == (1, 2)  # the completed points say two seeds ran
+    assert aggregate.headlines(aggregate.collect(tmp_path), ["seed"]).query("metric == 'robust_accuracy'").sweep_seeds.iloc[0] == 1
+
+
+def _summary_of(tmp_path, drop_seed1_rows=0):
+    for seed in (0, 1):
+        _point(tmp_path, f"seed-{seed}", {"seed": seed}, auroc_shift=0.05 * seed)
+    path = tmp_path / "seed-1" / "04_detection" / "detection.csv"
+    pd.read_csv(path).iloc[drop_seed1_rows:].to_csv(path, index=False)
+    return aggregate.seed_summary(aggregate.write(tmp_path, ["seed"])[1])
+
+
+def test_the_seed_summary_splits_off_partial_pairs(tmp_path):
+    s = _summary_of(tmp_path, drop_seed1_rows=1)  # seed 1 lacks particul × pgd
+    assert s.n_seeds == 2 and list(s.auroc.detector) == ["msp"] and list(s.partial.detector) == ["particul"]
+    assert list(s.per_detector.detector) == ["msp"] and s.auroc.spread.iloc[0] == pytest.approx(0.05)
+    assert s.robust_spread == pytest.approx(0.01) and len(s.power)
+
+
+def test_the_seed_summary_when_no_pair_has_every_seed(tmp_path):
+    s = _summary_of(tmp_path, drop_seed1_rows=2)  # seed 1 wrote no AUROC at all
+    assert s.n_seeds == 2 and s.auroc.empty and s.per_detector.empty and len(s.partial) == 2
+
+
+def test_no_sweep_or_one_seed_gives_no_summary(tmp_path):
+    assert aggregate.seed_summary(None) is None and aggregate.seed_summary(pd.DataFrame()) is None
+    _point(tmp_path, "seed-0", {"seed": 0})
+    assert aggregate.seed_summary(aggregate.write(tmp_path, ["seed"])[1]) is None
+    old = aggregate.write(tmp_path, ["seed"])[1].assign(n_seeds=2).drop(columns=["sweep_seeds", "seeds"])
+    assert aggregate.seed_summary(old).n_seeds == 2  # a table written before sweep_seeds existed

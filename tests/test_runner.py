@@ -241,6 +241,6 @@ def test_a_detector_parameter_typo_fails_before_any_kernel_starts(tmp_path, monk
 def test_cli_names_a_detector_parameter_typo_in_one_line(capsys):
     from tamperbench.__main__ import main
 
-    assert main(["run", "--profile", "ci", "-p", "detector_params.knn.kk=3"]) == 2
+    assert main(["run", "--profile", "ci", "--quiet", "-p", "detector_params.knn.kk=3"]) == 2
     err = capsys.readouterr().err
     assert "unknown parameter 'kk'" in err and "valid parameters:" in err and len(err.strip().splitlines()) == 1

@@ -56,6 +56,11 @@ def completed_points(directory: Path) -> list[tuple[Path, dict]]:
     return out
 
 
+def _cell(value):
+    """A grid value as a table cell: lists and mappings as JSON text."""
+    return value if not isinstance(value, (list, dict)) else json.dumps(value)
+
+
 def collect(directory: Path) -> dict[str, pd.DataFrame]:
     """``"<notebook>/<file>.csv"`` → the rows of every completed point, grid columns added."""
     frames: dict[str, list[pd.DataFrame]] = {}
@@ -66,21 +71,23 @@ def collect(directory: Path) -> dict[str, pd.DataFrame]:
             except (pd.errors.EmptyDataError, pd.errors.ParserError):
                 continue
             for key, value in record["values"].items():
-                df[key] = value if not isinstance(value, (list, dict)) else json.dumps(value)
+                df[key] = _cell(value)
             df.insert(0, "point", record["point"])
             frames.setdefault(f"{csv.parent.name}/{csv.name}", []).append(df)
     return {name: pd.concat(parts, ignore_index=True) for name, parts in frames.items()}
 
 
 def intervals(df: pd.DataFrame, keys: list[str], value: str, across: str = "seed", level: float = 0.95,
-              scope: list[str] | None = None) -> pd.DataFrame:
+              scope: list[str] | None = None, planned: pd.DataFrame | None = None) -> pd.DataFrame:
     """Mean of ``value`` over ``across`` per ``keys``, with a Student-t interval at ``level``.
 
     One value per (keys, across) is expected; duplicates are averaged first. ``seeds`` lists the
     seeds that produced a finite value and ``sweep_seeds`` counts the seeds of the sweep (within
     the same values of the ``scope`` keys, e.g. the other grid keys), so a group that only some
     seeds produced (a tiny profile can leave an attack with too few examples for a detector in
-    one seed) reads as such: ``n_seeds < sweep_seeds``. With a single seed the interval is
+    one seed) reads as such: ``n_seeds < sweep_seeds``. ``planned``: the completed points' grid
+    values (a ``seed`` column and the ``scope`` columns); without it, the seeds are those that
+    wrote any row of ``df``, blind to a seed that wrote none. With a single seed the interval is
     undefined (NaN), not zero."""
     from scipy import stats
 
@@ -88,7 +95,14 @@ def intervals(df: pd.DataFrame, keys: list[str], value: str, across: str = "seed
     if df.empty:
         return pd.DataFrame(columns=columns)
     scope = list(scope or [])
-    in_scope = (df.groupby(scope, dropna=False)[across].nunique() if scope else None)
+    source = planned if planned is not None and across in planned and set(scope) <= set(planned) else df
+
+    def seeds_of(values: dict) -> int:
+        rows = source
+        for k in scope:
+            rows = rows[rows[k].isna()] if pd.isna(values[k]) else rows[rows[k] == values[k]]
+        return int(rows[across].nunique())
+
     per_seed = df.groupby([*keys, across], dropna=False)[value].mean().reset_index()
     rows = []
     for group, part in per_seed.groupby(keys, dropna=False, sort=True):
@@ -100,8 +114,7 @@ def intervals(df: pd.DataFrame, keys: list[str], value: str, across: str = "seed
         mean = float(x.mean()) if n else float("nan")
         std = float(x.std(ddof=1)) if n > 1 else float("nan")
         half = float(stats.t.ppf(0.5 + level / 2, n - 1) * std / np.sqrt(n)) if n > 1 else float("nan")
-        total = (int(in_scope.loc[tuple(values[k] for k in scope) if len(scope) > 1 else values[scope[0]]])
-                 if scope else int(df[across].nunique()))
+        total = seeds_of(values)
         rows.append({**values, "n_seeds": n, "sweep_seeds": total, "seeds": " ".join(str(s) for s in sorted(seeds)),
                      "mean": mean, "std": std, "low": mean - half, "high": mean + half,
                      "min": float(x.min()) if n else float("nan"), "max": float(x.max()) if n else float("nan")})
@@ -139,10 +152,11 @@ def _headline_rows(h: Headline, df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def headlines(tables: dict[str, pd.DataFrame], grid_keys: list[str]) -> pd.DataFrame:
+def headlines(tables: dict[str, pd.DataFrame], grid_keys: list[str], points: list[dict] | None = None) -> pd.DataFrame:
     """Across-seed intervals of the headline metrics, one row per metric and group. Grid keys
     other than ``seed`` become grouping columns, so a sweep over ε and seeds gives one interval
-    per ε."""
+    per ε. ``points``: the grid values of the completed points, which say how many seeds each
+    group should have (a seed that wrote no row of a metric still counts)."""
     others = [k for k in grid_keys if k != "seed"]
     parts = []
     for h in HEADLINES:
@@ -151,7 +165,8 @@ def headlines(tables: dict[str, pd.DataFrame], grid_keys: list[str]) -> pd.DataF
             continue
         df = _headline_rows(h, df)
         extra = ["headline_point"] if "headline_point" in df else []
-        out = intervals(df, [*others, *extra, *h.keys], h.value, scope=others)
+        planned = pd.DataFrame(points) if points else None
+        out = intervals(df, [*others, *extra, *h.keys], h.value, scope=others, planned=planned)
         out.insert(0, "metric", h.metric)
         parts.append(out)
     if not parts:
@@ -166,7 +181,7 @@ def write(directory: Path, grid_keys: list[str]) -> tuple[dict[str, pd.DataFrame
     for name, df in tables.items():
         with atomic.atomic_path(directory / AGGREGATE_DIR / name) as tmp:
             df.to_csv(tmp, index=False)
-    heads = headlines(tables, grid_keys)
+    heads = headlines(tables, grid_keys, [{k: _cell(v) for k, v in record["values"].items()} for _, record in completed_points(directory)])
     with atomic.atomic_path(directory / HEADLINES_FILE) as tmp:
         heads.to_csv(tmp, index=False)
     return tables, heads
@@ -180,6 +195,45 @@ def split_partial(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     total = rows["sweep_seeds"] if "sweep_seeds" in rows else rows["n_seeds"].max()
     complete = rows["n_seeds"] >= total
     return rows[complete], rows[~complete]
+
+
+@dataclass(frozen=True)
+class SeedSummary:
+    """What the reproduce chapter says of a seed sweep's headline intervals."""
+
+    n_seeds: int  #: seeds of the sweep
+    auroc: pd.DataFrame  #: AUROC pairs every seed produced, with ``half_width`` and ``spread`` (highest less lowest)
+    partial: pd.DataFrame  #: AUROC pairs only some seeds produced
+    per_detector: pd.DataFrame  #: per detector, over the complete pairs: mean, median and largest spread, half-width
+    robust: pd.DataFrame  #: robust accuracy with detection (chapter 7), if the sweep ran it
+    power: pd.DataFrame  #: batch power at the headline point (chapter 5), if the sweep ran it
+
+    @property
+    def robust_spread(self) -> float:
+        """The largest spread of robust accuracy between seeds (NaN without chapter 7)."""
+        return float((self.robust["max"] - self.robust["min"]).max()) if len(self.robust) else float("nan")
+
+
+def seed_summary(heads: pd.DataFrame | None) -> SeedSummary | None:
+    """The summary of a sweep's ``headlines.csv``, or None when no sweep of at least two seeds
+    completed. Pairs that only some seeds produced are split off (:func:`split_partial`)."""
+    if heads is None or heads.empty:
+        return None
+    if "sweep_seeds" not in heads:  # a headlines.csv written before the column existed
+        heads = heads.assign(sweep_seeds=heads["n_seeds"].max(), seeds="")
+    n_seeds = int(heads["sweep_seeds"].max())
+    if n_seeds < 2:
+        return None
+    rows = heads[heads["metric"] == "auroc"].assign(half_width=lambda d: (d["high"] - d["low"]) / 2,
+                                                    spread=lambda d: d["max"] - d["min"])
+    auroc, partial = split_partial(rows)
+    per_detector = (auroc.groupby("detector").agg(mean_auroc=("mean", "mean"), median_spread=("spread", "median"),
+                                                  max_spread=("spread", "max"), median_half_width=("half_width", "median"),
+                                                  attacks=("attack", "nunique"))
+                    .sort_values("mean_auroc", ascending=False).reset_index())
+    pick = lambda metric: heads[heads["metric"] == metric].reset_index(drop=True)  # noqa: E731
+    return SeedSummary(n_seeds, auroc.reset_index(drop=True), partial.reset_index(drop=True), per_detector,
+                       pick("robust_accuracy"), pick("batch_power"))
 
 
 def load_headlines(profile: str, sweep: str) -> pd.DataFrame | None:

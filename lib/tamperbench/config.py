@@ -270,7 +270,7 @@ def _check_detector_params(block: Any, where: str) -> None:
         try:
             detector(name, **{**params, "device": "cpu"})
         except DetectorError as exc:
-            raise ConfigError(f"{where}: detector_params.{exc}") from exc
+            raise ConfigError(f"{where}: detector_params.{name}: {str(exc).removeprefix(name + ': ')}") from exc
 
 
 def _check_attack_suite(suite: dict, where: str) -> None:

@@ -73,11 +73,11 @@ def test_every_unsupervised_detector_separates_noise_and_not_identical_sets(setu
     assert metrics.detection_metrics(clean, noise)["auroc"] > floor, name
     half = len(test) // 2
     again = det.score(test.x[:half])  # the same images in another batch size
-    # identical inputs get the same score whatever their batch; exact equality would depend on
-    # the machine's summation order, and a rank-based statistic (subset scanning's p-values)
-    # may move a few of them by one rank
+    # identical inputs get the same score whatever their batch, so they cannot be told apart;
+    # exact equality would depend on the machine's summation order, and a rank-based statistic
+    # (subset scanning's p-values) may move a few of them by one rank. (An AUROC of the two
+    # would not do: saturated, tied scores that differ by one ulp push it far from 0.5.)
     assert np.isclose(clean[:half], again, rtol=1e-4, atol=1e-5).mean() >= 0.95, name
-    assert metrics.detection_metrics(again, again)["auroc"] == pytest.approx(0.5)  # and cannot be told apart
 
 
 def test_feature_squeezing_ignores_what_squeezing_leaves_unchanged(setup):
