@@ -73,12 +73,8 @@ SWEEP ?= seeds
 sweep: data
 	$(PY) -m tamperbench sweep $(SWEEP) $(if $(filter command line,$(origin PROFILE)),--profile $(PROFILE))
 
-# Two pytest workers: the ci book (one session fixture, and every test that reads it, grouped on
-# one worker by tests/conftest.py) runs beside the other tests; the notebooks leave a core idle
-# much of the time. TEST_WORKERS=0 runs everything in one process.
-TEST_WORKERS ?= 2
 test: data browser
-	$(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+	$(PY) -m pytest
 
 clean-book:
 	rm -rf book/_build

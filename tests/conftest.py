@@ -45,17 +45,6 @@ def fake_debian_fmnist(tmp_path, monkeypatch):
     return folder
 
 
-#: fixtures that build the ci book: every test that uses one runs on the same pytest-xdist
-#: worker (``make test`` passes ``--dist loadgroup``), so the book is built once per run
-CI_BOOK_FIXTURES = {"ci_book", "ci_site"}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if CI_BOOK_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group("ci_book"))
-
-
 @pytest.fixture(scope="session")
 def ci_book(tmp_path_factory):
     """The book sources with every notebook executed in the ci profile (real data root)."""

@@ -175,7 +175,7 @@ def test_a_ci_seed_sweep_runs_under_local_ray_and_aggregates(ci_book):
     attack with too few examples for a detector), so the expectation is read from what each
     seed wrote, never fixed here."""
     p = sweep.plan("test_seeds", profile="ci", grid={"seed": [0, 1]}, overrides=SMALL_CHAPTER_4, only=["04_detection"])
-    # after the ci book (the same pytest worker: tests/conftest.py), so seed 0 reuses its cache
+    # after the ci book, so seed 0 reuses its cache (classifier, attacks, PARTICUL block2 P=4)
     main_log = paths.results_dir("ci") / "run_log.csv"
     before = main_log.read_text() if main_log.exists() else None
     messages = []
