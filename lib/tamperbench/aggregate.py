@@ -158,6 +158,7 @@ def headlines(tables: dict[str, pd.DataFrame], grid_keys: list[str], points: lis
     per ε. ``points``: the grid values of the completed points, which say how many seeds each
     group should have (a seed that wrote no row of a metric still counts)."""
     others = [k for k in grid_keys if k != "seed"]
+    planned = pd.DataFrame(points) if points else None
     parts = []
     for h in HEADLINES:
         df = tables.get(h.table)
@@ -165,7 +166,6 @@ def headlines(tables: dict[str, pd.DataFrame], grid_keys: list[str], points: lis
             continue
         df = _headline_rows(h, df)
         extra = ["headline_point"] if "headline_point" in df else []
-        planned = pd.DataFrame(points) if points else None
         out = intervals(df, [*others, *extra, *h.keys], h.value, scope=others, planned=planned)
         out.insert(0, "metric", h.metric)
         parts.append(out)

@@ -18,7 +18,6 @@ Fashion-MNIST is found, in this order:
 from __future__ import annotations
 
 import functools
-
 import gzip
 import os
 import pickle

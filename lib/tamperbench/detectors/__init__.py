@@ -63,7 +63,7 @@ def parameters(name: str) -> list[str]:
     if name not in DETECTORS:
         raise DetectorError(f"unknown detector {name!r}; valid detectors: {', '.join(available())}")
     if name in ood.NAMES:
-        return ["n_fit", "seed", "device", "batch_size", *ood.method_parameters(name)]
+        return ood.method_parameters(name)
     names = _init_parameters(DETECTORS[name])
     if name == "particul_multi":  # the rest are the single-layer detector's, per layer
         names += [n for n in _init_parameters(Particul) if n not in names and n != "layer"]

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from .. import data, models
-from .base import Detector, DetectorError, split
+from .base import Detector, DetectorError, split, unknown_parameters
 
 
 def _builders() -> dict[str, tuple[Callable, bool]]:
@@ -67,20 +67,22 @@ _CLASSES = {"msp": "MaxSoftmax", "odin": "ODIN", "mds": "Mahalanobis", "rmds": "
 _FROM_MODEL = {"model", "encoder", "backbone", "head", "w", "b"}
 #: scikit-learn NearestNeighbors arguments that KNN fixes itself (k is its own, n_jobs is -1)
 _KNN_FIXED = {"n_neighbors", "radius", "n_jobs"}
+#: what PytorchOOD itself takes, before the method's own parameters
+_OWN = ("n_fit", "seed", "device", "batch_size")
 
 
 def method_parameters(method: str) -> list[str]:
-    """The keyword parameters pytorch-ood's class for ``method`` accepts from a user: its
-    constructor's, less those built from the model here; for ``knn``, also the arguments it
-    passes on to scikit-learn's ``NearestNeighbors``. Read from the installed signatures, so a
-    new pytorch-ood version cannot make this list stale."""
+    """Every keyword parameter ``PytorchOOD(method, ...)`` accepts: its own, then those of
+    pytorch-ood's class for ``method``, less those built from the model here; for ``knn``, also
+    the arguments it passes on to scikit-learn's ``NearestNeighbors``. Read from the installed
+    signatures, so a new pytorch-ood version cannot make this list stale."""
     import inspect
 
     import pytorch_ood.detector as pd
 
     sig = inspect.signature(getattr(pd, _CLASSES[method]).__init__).parameters
-    names = [n for n, p in sig.items() if n != "self" and n not in _FROM_MODEL
-             and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    names = [*_OWN, *(n for n, p in sig.items() if n != "self" and n not in _FROM_MODEL
+                      and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))]
     if method == "knn":
         from sklearn.neighbors import NearestNeighbors
 
@@ -158,9 +160,7 @@ class PytorchOOD(Detector):
         valid = method_parameters(method)
         unknown = [k for k in params if k not in valid]
         if unknown:
-            from .base import unknown_parameters
-
-            raise DetectorError(unknown_parameters(method, unknown, ["n_fit", "seed", "device", "batch_size", *valid]))
+            raise DetectorError(unknown_parameters(method, unknown, valid))
         super().__init__(device=device, batch_size=batch_size)
         self.name, self.method, self.n_fit, self.seed, self.params = method, method, n_fit, seed, params
         self.ood = None
