@@ -64,3 +64,25 @@ def test_evaluate_predicts_labels(data_root, fake_debian_fmnist):
     net = models.build("smallcnn", 1, 10, 28)
     pred = models.evaluate(net, test, device="cpu")
     assert pred.shape == (len(test),) and pred.dtype == np.int64
+
+
+def test_evaluate_is_cached_by_weights_and_images(data_root, fake_debian_fmnist, monkeypatch):
+    """A second call with the same weights and images reads the cache; other weights or other
+    images are predicted afresh, never served another model's labels."""
+    import torch
+
+    from tamperbench import data
+
+    test = data.load("fashion_mnist", "test")
+    net = models.build("smallcnn", 1, 10, 28)
+    calls = []
+    real = models.predict
+    monkeypatch.setattr(models, "predict", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = models.evaluate(net, test, device="cpu")
+    assert np.array_equal(models.evaluate(net, test, device="cpu"), first) and len(calls) == 1
+    with torch.no_grad():
+        net.logits.bias.copy_(torch.arange(10.0) * 100)  # class 9 wins everywhere
+    assert (models.evaluate(net, test, device="cpu") == 9).all() and len(calls) == 2
+    half = data.Dataset(test.name, "test", test.x[:50], test.y[:50], test.classes)
+    assert len(models.evaluate(net, half, device="cpu")) == 50 and len(calls) == 3
+    assert np.array_equal(models.evaluate(net, test, device="cpu", cached=False), models.predict(net, test.x, device="cpu"))

@@ -125,7 +125,7 @@ def test_rank_correlation_ignores_missing_detectors():
 def test_the_cifar10_benchmark_runs_end_to_end_and_reports_what_it_skipped(tiny_cifar, tmp_path):
     study = yaml.safe_load(config.CONFIG_PATH.read_text())
     study["profiles"] = {"tiny_cifar": {
-        "shared": {"dataset": "cifar10", "model": "resnet18_32", "epochs": 3, "batch_size": 32, "lr": 0.01,
+        "shared": {"dataset": "cifar10", "model": "resnet18_32", "epochs": 1, "batch_size": 32, "lr": 0.01,
                    "n_pool": 20, "attack_suite": {"fgsm": {"n": 20, "eps": 0.3}},
                    "particul": {"epochs": 1, "n_fit": 200, "snapshot_epochs": [1], "train_batch_size": 32},
                    "particul_search": {"layers": ["layer4"], "num_parts": [4], "multi_layer": False}},

@@ -505,18 +505,8 @@ def wrap(model: nn.Module, input_shape: tuple[int, ...], nb_classes: int, device
     return clf
 
 
-def array_digest(*arrays: np.ndarray) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(str((a.dtype, a.shape)).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:20]
-
-
-def model_digest(model: nn.Module) -> str:
-    """Identity of a model: a hash of its weights (so a retrained model never reuses attacks)."""
-    return array_digest(*(t.detach().cpu().numpy() for t in model.state_dict().values()))
+array_digest = cache.array_digest
+model_digest = cache.model_digest
 
 
 # --------------------------------------------------------------------------- records

@@ -74,6 +74,22 @@ def source_digest() -> str:
     return h.hexdigest()[:20]
 
 
+def array_digest(*arrays: np.ndarray) -> str:
+    """Identity of arrays: a hash of their dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(str((a.dtype, a.shape)).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:20]
+
+
+def model_digest(model) -> str:
+    """Identity of a model: a hash of its weights and buffers (so a retrained model never reuses
+    an artifact of another)."""
+    return array_digest(*(t.detach().cpu().numpy() for t in model.state_dict().values()))
+
+
 def content_key(params: Mapping[str, Any]) -> str:
     """A short stable hash of ``params`` (order of keys and int/float spelling do not matter)."""
     blob = json.dumps(_canonical(params), sort_keys=True, separators=(",", ":"))

@@ -186,9 +186,15 @@ def predict(model: nn.Module, x: torch.Tensor | np.ndarray, batch_size: int = 51
     return torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
 
 
-def evaluate(model: nn.Module, ds: data.Dataset, batch_size: int = 512, device: str = "auto") -> np.ndarray:
-    """Predicted labels for a dataset."""
-    return predict(model, ds.x, batch_size, device)
+def evaluate(model: nn.Module, ds: data.Dataset, batch_size: int = 512, device: str = "auto", cached: bool = True) -> np.ndarray:
+    """Predicted labels for a dataset, cached by the model's weights, the images and the code: a
+    classifier's whole test split is predicted once (its last training epoch), not again by each
+    chapter's attack pool."""
+    if not cached:
+        return predict(model, ds.x, batch_size, device)
+    params = {"code": cache.source_digest(), "model": cache.model_digest(model), "data": cache.array_digest(np.asarray(ds.x)),
+              "batch_size": batch_size, "device": pick_device(device).type}
+    return cache.cached("predictions", params, lambda: {"labels": predict(model, ds.x, batch_size, device)}, fmt="npz")["labels"]
 
 
 def _train(model: nn.Module, train: data.Dataset, test: data.Dataset, cfg: TrainConfig, dev: torch.device) -> list[dict]:
@@ -217,7 +223,8 @@ def _train(model: nn.Module, train: data.Dataset, test: data.Dataset, cfg: Train
             sched.step()
             total += loss.item() * len(idx)
             n += len(idx)
-        acc = float((evaluate(model, test, device=str(dev)) == test.y.numpy()).mean())
+        # the last epoch's predictions are the trained model's: cached for every chapter that asks
+        acc = float((evaluate(model, test, device=str(dev), cached=epoch == cfg.epochs - 1) == test.y.numpy()).mean())
         history.append({"epoch": epoch + 1, "train_loss": total / max(n, 1), "test_accuracy": acc})
         print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {total / max(n, 1):.4f}, test accuracy {acc:.4f}")
     return history

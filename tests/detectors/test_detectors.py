@@ -35,6 +35,20 @@ def test_empirical_pvalues_are_conformal():
     assert p[:, 0] == pytest.approx([10 / 10, 6 / 10, 2 / 10, 1 / 10])
 
 
+def test_empirical_pvalues_count_each_node_against_its_own_background():
+    """Many nodes at once (one search over shifted blocks) equals counting node by node, ties
+    and values outside the background's range included."""
+    rng = np.random.default_rng(0)
+    bg = rng.integers(-3, 4, size=(7, 5)).astype(float)  # small integers: many ties
+    act = rng.integers(-5, 6, size=(6, 5)).astype(float)
+    m = len(bg)
+    at_least = (bg[None, :, :] >= act[:, None, :]).sum(1)  # images × nodes
+    at_most = (bg[None, :, :] <= act[:, None, :]).sum(1)
+    upper = (1 + at_least) / (m + 1)
+    assert np.array_equal(ss.empirical_pvalues(bg, act, "upper"), upper)
+    assert np.array_equal(ss.empirical_pvalues(bg, act, "two"), np.minimum(1, 2 * np.minimum(upper, (1 + at_most) / (m + 1))))
+
+
 def test_scan_statistic_is_large_for_small_pvalues_and_small_for_uniform():
     rng = np.random.default_rng(0)
     uniform = rng.uniform(size=(1, 2000))
