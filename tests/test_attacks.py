@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from tamperbench import attacks, data, models
 
@@ -146,6 +147,13 @@ WHITE_BOX_TINY = {
 }
 
 
+#: attacks whose ART code has no early stop: every image pays every step, fooled or not.
+#: FGSM: one loss gradient; BIM/PGD (projected_gradient_descent_pytorch.py) run max_iter steps per
+#: restart; Carlini-Wagner L2 (carlini.py) takes two class gradients per step of every image whose
+#: constant stays below 1e11 and whose learning rate stays positive, i.e. all of them
+NO_EARLY_STOP = {"fgsm", "bim", "pgd", "cw_l2"}
+
+
 @pytest.mark.parametrize("name", sorted(WHITE_BOX_TINY))
 def test_counted_gradients_never_exceed_the_bound(victim, name):
     trained, x, y = victim
@@ -153,7 +161,10 @@ def test_counted_gradients_never_exceed_the_bound(victim, name):
     atk = attacks.attack(name, trained, **WHITE_BOX_TINY[name])
     rec = atk.generate(x[:6], y[:6])
     assert rec.gradient_bound == atk.gradient_bound
-    assert 1 <= rec.gradients <= rec.gradient_bound
+    if name in NO_EARLY_STOP:  # the bound is reached: one set too high would fail here
+        assert rec.gradients == rec.gradient_bound
+    else:  # DeepFool stops a batch once all its images are fooled, APGD skips fooled images
+        assert 1 <= rec.gradients <= rec.gradient_bound
 
 
 @pytest.mark.parametrize("name, loss", [("apgd_ce", "cross_entropy"), ("apgd_dlr", "difference_logits_ratio")])
@@ -173,11 +184,112 @@ def test_apgd_through_the_registry_matches_art(victim, name, loss):
     assert 1 <= rec.gradients <= rec.gradient_bound == 6  # counted through ART's own loss
 
 
-def test_the_bounds_follow_what_art_calls():
-    # DeepFool differentiates every class before its loop and after each step; CW takes two
-    # class gradients per step
-    assert attacks.spec("deepfool").gradient_bound({"max_iter": 10, "epsilon": 0.02, "nb_grads": None}, 10) == 110
-    assert attacks.spec("cw_l2").gradient_bound({"binary_search_steps": 4, "max_iter": 10}, 10) == 80
+class KeyedModel(torch.nn.Module):
+    """A victim no attack can fool, on 1×8×8 inputs with 4 classes.
+
+    Pixel 0 (the key) picks the logits by its quarter of [0, 1] through a step, which has no
+    gradient: class ``b`` first, then ``b + 1``, … (mod 4), one logit apart. The other 63 pixels
+    add a linear term of at most 0.32 per class, which gives every attack a gradient but can never reorder the
+    classes. A key at a quarter's centre stays in it under every ε ≤ 0.1 perturbation, and the
+    unbounded attacks (DeepFool, Carlini-Wagner) only move along the gradient, never the key:
+    every attack spends its whole budget on every image.
+    """
+
+    def __init__(self):
+        super().__init__()
+        ranks = (np.arange(4)[None, :] - np.arange(4)[:, None]) % 4  # row b: class b has rank 0
+        self.register_buffer("table", torch.as_tensor(4.0 - ranks, dtype=torch.float32))
+        self.register_buffer("w", torch.as_tensor(np.random.default_rng(0).uniform(-1, 1, (63, 4)), dtype=torch.float32))
+
+    def forward(self, x):
+        flat = x.flatten(1)
+        quarter = (flat[:, 0] * 4).floor().clamp(0, 3).long()
+        return self.table[quarter] + 0.005 * flat[:, 1:] @ self.w
+
+
+KEYED_SHAPE = (1, 8, 8)  # Square's first tiles (80 % of the pixels) must be smaller than the image
+
+
+def keyed_inputs(quarters):
+    """Images whose key lies at the centre of the given quarters; the other pixels random."""
+    x = np.random.default_rng(1).random((len(quarters), *KEYED_SHAPE)).astype(np.float32)
+    x[:, 0, 0, 0] = 0.125 + 0.25 * np.asarray(quarters)
+    return x, np.asarray(quarters, dtype=np.int64)
+
+
+@pytest.fixture
+def art_gradient_calls(monkeypatch):
+    """Every gradient ART's attacks ask the classifier for, seen where ART asks (the estimator's
+    ``class_gradient`` and ``loss_gradient``) and counted from what they return, apart from the
+    classifier's own counter: one entry (images, classes, label) per call."""
+    calls = []
+    real_wrap = attacks.wrap
+
+    def wrap(*args, **kwargs):
+        clf = real_wrap(*args, **kwargs)
+        class_gradient, loss_gradient = clf.class_gradient, clf.loss_gradient
+
+        def spy_class_gradient(x, label=None, *a, **kw):
+            out = class_gradient(x, label, *a, **kw)  # (images, classes differentiated, *input)
+            calls.append((out.shape[0], out.shape[1], label))
+            return out
+
+        def spy_loss_gradient(x, y, *a, **kw):
+            out = loss_gradient(x, y, *a, **kw)  # (images, *input): one gradient per image
+            calls.append((out.shape[0], 1, None))
+            return out
+
+        clf.class_gradient, clf.loss_gradient = spy_class_gradient, spy_loss_gradient
+        return clf
+
+    monkeypatch.setattr(attacks, "wrap", wrap)
+    return calls
+
+
+WHITE_BOX_FULL = {  # budgets small enough for a test; the keyed victim makes each one spent in full
+    "fgsm": {"eps": 0.1},
+    "bim": {"eps": 0.1, "eps_step": 0.05, "max_iter": 3},
+    "pgd": {"eps": 0.1, "eps_step": 0.05, "max_iter": 3, "num_random_init": 2},
+    "deepfool": {"max_iter": 3},
+    "cw_l2": {"binary_search_steps": 2, "max_iter": 3},
+    "apgd_ce": {"eps": 0.1, "max_iter": 4, "nb_random_init": 2},
+    "apgd_dlr": {"eps": 0.1, "max_iter": 4},
+    "autoattack": {"eps": 0.05, "max_iter": 3, "square_queries": 5},
+}
+
+
+@pytest.mark.parametrize("name", sorted(WHITE_BOX_FULL))
+def test_the_bounds_follow_what_art_calls(art_gradient_calls, name):
+    """The bound formula against an independent count of ART's gradient calls, on a victim that
+    resists every attack, so that ART runs every step it can."""
+    assert set(WHITE_BOX_FULL) == {n for n, s in attacks.ATTACKS.items() if s.box == "white"}
+    x, y = keyed_inputs([0, 1, 2, 3, 0, 2])
+    atk = attacks.attack(name, KeyedModel(), input_shape=KEYED_SHAPE, nb_classes=4, batch_size=4, device="cpu",
+                         **WHITE_BOX_FULL[name])
+    run = atk._run(x, y)
+    assert not run["success"].any()  # the victim resisted: no attack stopped early on success
+    art_counted = sum(images * classes for images, classes, _ in art_gradient_calls) / len(x)
+    assert art_counted == attacks.spec(name).gradient_bound(atk.budget, 4) == run["gradient_bound"]
+    assert run["gradients"] == art_counted  # the record's counter agrees with ART's calls
+
+
+def test_a_bound_set_too_high_is_caught(data_root, monkeypatch):
+    """A Carlini-Wagner bound twice what ART calls: the record still counts ART's calls, and
+    chapter 2's budget table flags the row (CW never stops early, so it must reach its bound)."""
+    import dataclasses
+
+    from tamperbench import suite
+
+    x, y = keyed_inputs([0, 1, 2])
+    budget = {"binary_search_steps": 2, "max_iter": 3}
+    honest = attacks.attack("cw_l2", KeyedModel(), input_shape=KEYED_SHAPE, nb_classes=4, device="cpu", **budget).generate(x, y)
+    assert honest.gradients == honest.gradient_bound == 2 * 2 * 3
+    assert suite.budget_checks({"cw_l2": honest}, 4).iloc[0].spent_as_configured
+    doubled = dataclasses.replace(attacks.ATTACKS["cw_l2"], gradient_bound=lambda b, k: 4 * b["binary_search_steps"] * b["max_iter"])
+    monkeypatch.setitem(attacks.ATTACKS, "cw_l2", doubled)
+    loose = attacks.attack("cw_l2", KeyedModel(), input_shape=KEYED_SHAPE, nb_classes=4, device="cpu", seed=1, **budget).generate(x, y)
+    row = suite.budget_checks({"cw_l2": loose}, 4).iloc[0]
+    assert loose.gradients == honest.gradients and not row.spent_as_configured and "below the bound 24" in row.problems
 
 
 def test_deepfool_with_every_class_reaches_its_bound_when_an_image_resists(victim):
@@ -296,11 +408,32 @@ def test_values_that_cannot_bind_are_flagged(victim):
         attacks.resolve_budget("hopskipjump", {"init_eval": 30, "max_eval": 20}, 784)
 
 
-def test_deepfool_warns_when_its_class_subset_covers_every_class(victim):
-    trained, x, y = victim
-    atk = attacks.attack("deepfool", trained, max_iter=1, nb_grads=9)
-    with pytest.warns(attacks.AttackWarning, match="nb_grads=9 does not bind here"):
-        atk._run(x, y)
+@pytest.mark.parametrize("quarters, union", [([0, 1, 2, 3], [0, 1, 2, 3]), ([0, 1, 1, 0], [0, 1])])
+def test_deepfool_follows_arts_whole_input_class_union(art_gradient_calls, data_root, quarters, union):
+    """ART unions the images' top nb_grads classes over the whole input, not per batch: with
+    batches of 2 and top-1 classes [0, 1 | 2, 3], no batch covers every class but the input
+    does, and ART differentiates all 4 classes in every batch; nb_grads does not bind then, and
+    only then, the run warns. The bound is (max_iter + 1) · |union|, reached on this victim."""
+    import warnings
+
+    x, y = keyed_inputs(quarters)
+    atk = attacks.attack("deepfool", KeyedModel(), input_shape=KEYED_SHAPE, nb_classes=4, batch_size=2, device="cpu",
+                         max_iter=2, nb_grads=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rec = atk.generate(x, y)
+    said = [str(w.message) for w in caught if issubclass(w.category, attacks.AttackWarning)]
+    covers_all = len(union) == 4
+    assert len(said) == covers_all and rec.warnings == said
+    if covers_all:
+        assert "nb_grads=1 does not bind here" in said[0] and "whole input" in said[0]
+    # ART's calls: one class at a time, each a class of the whole-input union, in every batch
+    assert sorted({label for _, _, label in art_gradient_calls}) == union
+    assert list(attacks.deepfool_classes(np.asarray(KeyedModel()(torch.from_numpy(x)).detach()), 1, 4)) == union
+    art_counted = sum(images * classes for images, classes, _ in art_gradient_calls) / len(x)
+    assert rec.gradients == art_counted == rec.gradient_bound == (2 + 1) * len(union)
+    cached = atk.generate(x, y)  # the warning survives the cache, for chapter 2's budget table
+    assert cached.warnings == rec.warnings and cached.gradient_bound == rec.gradient_bound
 
 
 def test_l0_ignores_changes_below_half_a_grey_level():
@@ -325,3 +458,15 @@ def test_budget_checks_flag_what_was_not_spent(victim):
     hsj.budget = dict(hsj.budget, max_eval=500)  # as if configured with a cap it never reaches
     flagged = suite.budget_checks({"hopskipjump": hsj}, 10).iloc[0]
     assert not flagged.spent_as_configured and "max_eval=500 cannot bind" in flagged.problems
+
+
+def test_budget_checks_show_the_records_warnings(victim):
+    """A warning the record carries (DeepFool's whole-input class union) reaches chapter 2's
+    budget table: the row is not 'spent as configured' and names the problem."""
+    from tamperbench import suite
+
+    trained, x, y = victim
+    rec = attacks.attack("fgsm", trained, eps=0.1).generate(x[:4], y[:4])
+    rec.warnings = ["deepfool: nb_grads=1 does not bind here: ..."]
+    row = suite.budget_checks({"fgsm": rec}, 10).iloc[0]
+    assert not row.spent_as_configured and "nb_grads=1 does not bind here" in row.problems

@@ -86,3 +86,44 @@ def test_bad_search_settings_are_refused(setting):
         ps.check_search({"num_parts": 4})
     with pytest.raises(DetectorError, match="selection attack 'pgd' is not in the attack suite"):
         ps.select(ps.Grid(trained, train, {"epochs": 1}, {"num_parts": [2], "selection_attack": "pgd"}, 0, "cpu"), {}, 0)
+
+
+class _StubParts:
+    """Part confidences known in advance: class 0's parts read the image's mean pixel, every
+    other class's are ``other``."""
+
+    def __init__(self, other=0.2):
+        self.other = other
+
+    def part_confidences(self, x, classes):
+        mean = x.flatten(1).mean(1).numpy()
+        own = np.where(np.asarray(classes) == 0, mean, self.other)
+        return np.stack([own, own], axis=1)
+
+
+def test_part_survival_reads_the_evaluation_half_and_compares_true_and_predicted_parts():
+    n = 40
+    level = np.arange(n, dtype=np.float32) / 100  # image i's pixels are all i/100: the mean says which were read
+    x_clean = np.broadcast_to(level[:, None, None, None], (n, 1, 4, 4)).copy()
+    rec = _record(x_clean, x_clean * 0 + 0.1)  # true class 0, predicted 1 after the attack
+    small = _record(x_clean[:3], x_clean[:3], name="pgd")
+    table = ps.part_survival(_StubParts(), {"fgsm": rec, "pgd": small}, seed=0, min_n=5, n_boot=200)
+    _, ev = benchmark.split_halves(rec, 0)
+    assert list(table.attack) == ["fgsm"]  # pgd has fewer than min_n evaluation examples
+    row = table.iloc[0]
+    assert row.n == len(ev) and row.true_clean == pytest.approx(level[ev].mean())
+    assert row.true_adversarial == pytest.approx(0.1) and row.predicted_adversarial == pytest.approx(0.2)
+    assert row.true_wins == 0.0 and row.true_wins_high < 0.2  # 0.1 < 0.2 on every image
+    assert row.true_clean_low < row.true_clean < row.true_clean_high
+
+
+def test_part_survival_leaves_ties_out_and_has_its_columns_when_no_attack_qualifies():
+    """Saturated confidences (a tie) count for neither class, as in a sign test; an empty result
+    still has every column, so a chapter can select them."""
+    n = 30
+    x = np.full((n, 1, 4, 4), 0.25, dtype=np.float32)  # class 0 reads 0.25 (exact): the same as every other class
+    rec = _record(x, x.copy())
+    row = ps.part_survival(_StubParts(other=0.25), {"fgsm": rec}, seed=0, min_n=2, n_boot=50).iloc[0]
+    assert row.ties == row.n and np.isnan(row.true_wins)
+    empty = ps.part_survival(_StubParts(), {"fgsm": rec}, seed=0, min_n=10**6)
+    assert empty.empty and {"attack", "true_wins_low", "true_clean_high", "ties"} <= set(empty.columns)

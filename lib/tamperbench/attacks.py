@@ -22,7 +22,9 @@ What the record counts, in the papers' units:
   may give up early; ``-1`` elsewhere).
 
 A budget value that cannot bind (DeepFool's ``nb_grads`` at or above the number of classes,
-HopSkipJump's ``max_eval`` above the peak of its schedule) raises an :class:`AttackWarning`.
+HopSkipJump's ``max_eval`` above the peak of its schedule) raises an :class:`AttackWarning`; so
+does a DeepFool ``nb_grads`` that the input makes moot (the union of its images' top classes is
+every class), and the record keeps that message in ``warnings`` for the budget table.
 
 ``generate`` returns an :class:`AttackRecord` (clean and adversarial inputs, labels,
 predictions, success, L∞/L2/L0 norms, wall time, queries). Records are cached under
@@ -138,9 +140,9 @@ ATTACKS: dict[str, AttackSpec] = {
         "DeepFool", "white",
         {"max_iter": Param(10, int, _positive, "≥ 1"), "epsilon": Param(0.02, float, _non_negative, "≥ 0 (overshoot)"),
          "nb_grads": Param(None, int, _positive, "≥ 1, or null for every class", optional=True, none_label="every class")}, False,
-        # ART differentiates every considered class once before the loop and once after each
-        # step; the classes considered are the union of each batch's top nb_grads, in practice
-        # all of them, so the bound uses every class
+        # ART differentiates each class it considers once before the loop and once after each
+        # step; k is the number of classes considered: every class, or with a binding nb_grads
+        # the union of every image's top nb_grads over the whole input (deepfool_classes)
         lambda b, k: (b["max_iter"] + 1) * k,
         fixed_budget=False,
         note="overshoot applied once, to the final perturbation (ART); the authors' code tests the overshot image at every step",
@@ -277,6 +279,24 @@ def iteration_problems(name: str, budget: dict, iterations: np.ndarray) -> list[
                         f"{int(short.sum())} of {len(short)} images (mean {counted[short].mean():.0f} iterations "
                         f"run); raise num_trial={budget['num_trial']} to spend the budget")
     return problems
+
+
+#: white-box attacks that ART 1.20.1 never stops early (fgsm.py, projected_gradient_descent_pytorch.py,
+#: carlini.py): they spend their gradient bound exactly, so a count below it means the bound is wrong
+FULL_BUDGET = ("fgsm", "bim", "pgd", "cw_l2")
+
+
+def deepfool_classes(logits: np.ndarray, nb_grads: int | None, nb_classes: int) -> np.ndarray:
+    """The classes whose gradients ART's DeepFool computes for input ``logits``, sorted.
+
+    ART 1.20.1 (``art/attacks/evasion/deepfool.py``, ``DeepFool.generate``) predicts the whole
+    input, then, when ``nb_grads < nb_classes``, takes ``np.unique`` of every image's top
+    ``nb_grads`` classes over *all* of ``x``, before it batches; every batch differentiates that
+    same set. Otherwise it differentiates every class.
+    """
+    if nb_grads is None or nb_grads >= nb_classes:
+        return np.arange(nb_classes)
+    return np.unique(np.argsort(-logits, axis=1)[:, :nb_grads])
 
 
 def unbound_parameters(name: str, budget: dict, nb_classes: int) -> list[str]:
@@ -534,10 +554,14 @@ class AttackRecord:
     iterations: np.ndarray | None = None  # iterations run per image (Boundary), -1 where not counted
     art_queries: float = float("nan")  # ART's predictions per image, repeats included
     gradient_bound: float = float("nan")  # the most gradients per image ART can make (NaN: black box)
+    #: the run's AttackWarnings that the arrays cannot reproduce (DeepFool's nb_grads made moot by
+    #: the input's class union); Boundary's early stops follow from ``iterations`` instead
+    warnings: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         if self.iterations is None:
             self.iterations = np.full(len(self.y_true), -1, dtype=np.int64)
+        self.warnings = [str(w) for w in self.warnings]
 
     _SCALARS = ("seconds", "queries", "art_queries", "gradients", "gradient_bound", "grad_seconds")
     _ARRAYS = ("x_clean", "x_adv", "y_true", "pred_clean", "pred_adv", "target", "success", "linf", "l2", "l0", "iterations")
@@ -565,12 +589,16 @@ class AttackRecord:
     def to_arrays(self) -> dict:
         arrays = {k: getattr(self, k) for k in self._ARRAYS}
         arrays.update({k: np.float64(getattr(self, k)) for k in self._SCALARS})
+        arrays["warnings"] = np.array(self.warnings, dtype=str)
         return arrays
 
     @classmethod
     def from_arrays(cls, name: str, budget: dict, arrays: dict, key: str = "") -> "AttackRecord":
         scalars = {k: float(arrays[k]) for k in cls._SCALARS}
-        return cls(name, budget, **{k: v for k, v in arrays.items() if k not in scalars}, **scalars, key=key)
+        # records cached before the field existed have no warnings
+        warns = [str(w) for w in arrays.get("warnings", ())]
+        rest = {k: v for k, v in arrays.items() if k not in scalars and k != "warnings"}
+        return cls(name, budget, **rest, **scalars, key=key, warnings=warns)
 
 
 def perturbation_norms(x_clean: np.ndarray, x_adv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -601,7 +629,9 @@ class Attack:
 
     @property
     def gradient_bound(self) -> float | None:
-        """Gradient evaluations per image that ART can make under the budget (None for black box)."""
+        """Gradient evaluations per image that ART can make under the budget, on any input (None
+        for black box). A record's bound follows its input where ART's calls do: DeepFool with a
+        binding ``nb_grads`` differentiates only the input's class union (:meth:`_deepfool_bound`)."""
         return self.spec.gradient_bound(self.budget, self.nb_classes) if self.spec.gradient_bound else None
 
     def _check_input(self, x, y):
@@ -619,10 +649,20 @@ class Attack:
             raise AttackError(f"labels must lie in [0, {self.nb_classes - 1}]")
 
     def cache_params(self, x: np.ndarray, y: np.ndarray) -> dict:
-        return {
+        params = {
             "version": RECORD_VERSION, "attack": self.name, "budget": self.budget, "targeted": self.targeted,
             "seed": self.seed, "batch_size": self.batch_size, "model": model_digest(self.model), "data": array_digest(x, y),
         }
+        if self._deepfool_subset():
+            # records made before the bound and the warning followed ART's whole-input union carry
+            # neither: a new key for these runs alone (every other record stays valid)
+            params["deepfool_classes"] = "whole-input union"
+        return params
+
+    def _deepfool_subset(self) -> bool:
+        """Whether ART's DeepFool differentiates a subset of the classes (``nb_grads`` < classes)."""
+        nb_grads = self.budget.get("nb_grads") if self.name == "deepfool" else None
+        return nb_grads is not None and nb_grads < self.nb_classes
 
     def targets(self, y: np.ndarray) -> np.ndarray:
         """Seeded random target classes, each different from the true label (or -1s)."""
@@ -678,7 +718,9 @@ class Attack:
         clf = wrap(self.model, self.input_shape, self.nb_classes, self.device)
         logits_clean = clf.predict(x, batch_size=512)
         pred_clean = logits_clean.argmax(1)
-        self._warn_if_deepfool_subset_is_everything(logits_clean)
+        bound, problems = self.gradient_bound, []
+        if self._deepfool_subset():
+            bound, problems = self._deepfool_bound(clf, x)
         target = self.targets(y)
         art_attack = self._art_attack(clf)
         grad_seconds = self._time_gradient(x)
@@ -703,26 +745,32 @@ class Attack:
         pred_adv = clf.predict(x_adv, batch_size=512).argmax(1)
         success = (pred_clean == y) & ((pred_adv == target) if self.targeted else (pred_adv != y))
         linf, l2, l0 = perturbation_norms(x, x_adv)
-        bound = self.gradient_bound
         return dict(
             x_clean=x, x_adv=x_adv, y_true=y.astype(np.int64), pred_clean=pred_clean.astype(np.int64),
             pred_adv=pred_adv.astype(np.int64), target=target, success=success, linf=linf, l2=l2, l0=l0,
             iterations=iterations, seconds=np.float64(seconds), queries=np.float64(queries),
             art_queries=np.float64(art_queries), gradients=np.float64(gradients),
             gradient_bound=np.float64(np.nan if bound is None else bound), grad_seconds=np.float64(grad_seconds),
+            warnings=np.array(problems, dtype=str),
         )
 
-    def _warn_if_deepfool_subset_is_everything(self, logits: np.ndarray) -> None:
-        """ART unions each batch's top ``nb_grads`` classes: warn when that is every class."""
-        nb_grads = self.budget.get("nb_grads") if self.name == "deepfool" else None
-        if nb_grads is None or nb_grads >= self.nb_classes:
-            return
-        top = np.argsort(-logits, axis=1)[:, :nb_grads]
-        covered = [len(np.unique(top[i:i + self.batch_size])) for i in range(0, len(top), self.batch_size)]
-        if max(covered) >= self.nb_classes:
-            warnings.warn(f"deepfool: nb_grads={nb_grads} does not bind here: ART takes the union of the top "
-                          f"{nb_grads} classes over each batch of {self.batch_size}, which covers all "
-                          f"{self.nb_classes} classes", AttackWarning, stacklevel=4)
+    def _deepfool_bound(self, clf, x: np.ndarray) -> tuple[float, list[str]]:
+        """(the gradient bound for this input, the warning when ``nb_grads`` is moot here).
+
+        ART's DeepFool takes the union of every image's top ``nb_grads`` classes over the whole
+        input (:func:`deepfool_classes`) and differentiates each class of it at every step, so the
+        bound is ``(max_iter + 1) · |union|``; when the union is every class, ``nb_grads`` saves
+        nothing. The logits come from the same call as ART's (``predict(x, batch_size)``).
+        """
+        nb_grads = self.budget["nb_grads"]
+        considered = deepfool_classes(clf.predict(x, batch_size=self.batch_size), nb_grads, self.nb_classes)
+        problems = []
+        if len(considered) >= self.nb_classes:
+            problems.append(f"deepfool: nb_grads={nb_grads} does not bind here: ART takes the union of the top "
+                            f"{nb_grads} classes over the whole input ({len(x)} images), which covers all "
+                            f"{self.nb_classes} classes")
+            warnings.warn(problems[-1], AttackWarning, stacklevel=4)
+        return self.spec.gradient_bound(self.budget, len(considered)), problems
 
     def _warn_if_boundary_stopped_early(self, iterations: np.ndarray) -> None:
         for problem in iteration_problems(self.name, self.budget, iterations):

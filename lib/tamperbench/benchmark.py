@@ -72,19 +72,49 @@ SQUEEZER_KEYS = ("bit_depth", "median_window", "nl_means")
 
 
 def study_squeezers(trained: models.Trained, records: dict[str, AttackRecord], selection_attack: str, seed: int,
-                    detector_params: dict, device: str = "auto") -> tuple[dict, list[dict], str]:
+                    detector_params: dict, device: str = "auto", indices: np.ndarray | None = None
+                    ) -> tuple[dict, list[dict], str]:
     """(feature squeezing's squeezers, the candidates' table, the rule that chose them).
 
     The authors chose squeezers per dataset: the profile's, when it names them; otherwise one bit
     depth and one median size chosen on the fit half of the selection attack (never evaluation
-    data), as chapter 4 reports."""
+    data), as chapter 4 reports. ``indices`` (positions in the selection attack's record) chooses
+    on part of that fit half; any other position, an evaluation-half one above all, raises
+    :class:`detectors.DetectorError`: no caller can hand evaluation data to the choice.
+    """
     given = {k: v for k, v in detector_params.get("feature_squeezing", {}).items() if k in SQUEEZER_KEYS}
     if given:
         return given, [], "set by the profile (the authors' squeezers for this dataset)"
     from .particul_search import selection_set
 
-    x_clean, x_adv, _ = selection_set(records[selection_attack], seed)
-    squeezers, candidates = detectors.feature_squeezing.select_squeezers(trained, x_clean.numpy(), x_adv.numpy(), device)
+    record = records[selection_attack]
+    fit_idx, eval_idx = split_halves(record, seed)
+    if indices is None:
+        x_clean, x_adv, used = selection_set(record, seed)
+        x_clean, x_adv = x_clean.numpy(), x_adv.numpy()
+        # the default must be the whole fit half, no more, no less (selection_set is shared with PARTICUL)
+        if not np.array_equal(used, fit_idx):
+            raise detectors.DetectorError(f"squeezer selection: the selection set of {selection_attack} is not its fit half")
+    else:
+        used = np.asarray(indices)
+        if used.ndim != 1 or not np.issubdtype(used.dtype, np.integer):
+            raise detectors.DetectorError(f"squeezer selection: indices must be a 1-D integer array, got {used.dtype} "
+                                          f"of shape {used.shape}")
+        leaked = np.intersect1d(used, eval_idx)
+        if len(leaked):
+            raise detectors.DetectorError(
+                f"squeezer selection: {len(leaked)} of the {len(used)} indices lie in the evaluation half of "
+                f"{selection_attack} (seed {seed}), e.g. {leaked[:5].tolist()}; the squeezers must be chosen on "
+                "fit-half images only (benchmark.split_halves)")
+        stray = np.setdiff1d(used, fit_idx)
+        if len(stray):
+            raise detectors.DetectorError(f"squeezer selection: indices {stray[:5].tolist()} are not fit-half adversarial "
+                                          f"examples of {selection_attack} (failed attacks, or outside the record)")
+        if len(np.unique(used)) != len(used) or len(used) < 2:
+            raise detectors.DetectorError(f"squeezer selection: need ≥ 2 distinct fit-half indices, got {len(used)} "
+                                          f"({len(np.unique(used))} distinct)")
+        x_clean, x_adv = record.x_clean[used], record.x_adv[used]
+    squeezers, candidates = detectors.feature_squeezing.select_squeezers(trained, x_clean, x_adv, device)
     return squeezers, candidates, (f"chosen on the fit half of {selection_attack} among every bit depth, median size and "
                                    "(bit depth, median) pair, by the joint detector's AUROC")
 
@@ -196,9 +226,12 @@ def subset_scan_layers(trained: models.Trained, train: data.Dataset, pool: data.
                        seed: int, n_background: int = 1000, device: str = "auto",
                        tails: tuple[str, ...] = ("upper", "two")) -> pd.DataFrame:
     """AUROC of per-image subset scanning at each layer, per attack and per p-value tail (the
-    seed paper's table, with the two-tailed scan beside the authors' one-tailed one)."""
+    seed paper's table, with the two-tailed scan beside the authors' one-tailed one), and what
+    the attack does to the layer: the share of its activations that are exactly zero on the
+    clean images and on their adversarial versions (``zero_clean``, ``zero_adversarial``)."""
     rows = []
     for layer in layers:
+        zeros = {}  # attack -> (clean, adversarial) share of zero activations, once per layer
         for tail in tails:
             params = {"layer": layer, "n_background": n_background, "seed": seed, "tails": tail}
             det = detectors.detector("subset_scan", device=device, **params).fit(trained, train)
@@ -211,6 +244,10 @@ def subset_scan_layers(trained: models.Trained, train: data.Dataset, pool: data.
                 if len(ev) < 2:
                     continue
                 adv = cached_scores(det, key, records[attack].x_adv[ev])
+                if attack not in zeros:
+                    zeros[attack] = tuple(float((det._activations(torch.as_tensor(x)) == 0).mean())
+                                          for x in (records[attack].x_clean[ev], records[attack].x_adv[ev]))
                 rows.append({"layer": layer, "tails": tail, "attack": attack,
-                             "auroc": metrics.detection_metrics(clean_all[ev], adv)["auroc"]})
+                             "auroc": metrics.detection_metrics(clean_all[ev], adv)["auroc"],
+                             "zero_clean": zeros[attack][0], "zero_adversarial": zeros[attack][1]})
     return pd.DataFrame(rows)

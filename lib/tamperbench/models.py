@@ -174,6 +174,16 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return padded[:, :, dy : dy + h, dx : dx + w]
 
 
+def probabilities(model: nn.Module, x: torch.Tensor | np.ndarray, batch_size: int = 512, device: str = "auto") -> np.ndarray:
+    """Softmax probabilities (N×C) for images ``x`` (tensor or array), the model in eval mode."""
+    dev = pick_device(device)
+    model.eval().to(dev)
+    x = torch.as_tensor(x)
+    with torch.no_grad():
+        out = [torch.softmax(model(x[i : i + batch_size].to(dev)), 1).cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
+
+
 def predict(model: nn.Module, x: torch.Tensor | np.ndarray, batch_size: int = 512, device: str = "auto") -> np.ndarray:
     """Predicted labels for images ``x`` (tensor or array), the model in eval mode."""
     dev = pick_device(device)

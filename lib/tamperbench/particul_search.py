@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from . import data, metrics, models
-from .attacks import AttackRecord
+from .attacks import ATTACKS, AttackRecord
 from .benchmark import split_halves
 from .detectors.base import DetectorError
 from .detectors.particul import MODES, Particul, class_confidences, fit_many, image_confidence
@@ -193,9 +193,63 @@ def study_detectors(trained: models.Trained, train: data.Dataset, particul: dict
     return grid, chosen, table
 
 
+def single_layer(config: Config, trained: models.Trained) -> Config:
+    """The configuration whose parts explain ``config``: itself, or for the multi-layer variant
+    its member at the published layer (part maps and confidences belong to one layer)."""
+    return config if config.layer != MULTI else Config(published(trained).layer, config.num_parts, config.mode)
+
+
 def detector_spec(config: Config, grid: Grid) -> tuple[str, dict]:
     """(registry name, parameters) that rebuild ``config``'s detector (its fits hit the cache)."""
     base = grid.base
     if config.layer == MULTI:
         return "particul_multi", {**base, "layers": grid.layers, "num_parts": config.num_parts, "mode": config.mode}
     return "particul", {**base, "layer": config.layer, "num_parts": config.num_parts, "mode": config.mode}
+
+
+def part_survival(det: Particul, records: dict[str, AttackRecord], seed: int, min_n: int = 2,
+                  level: float = 0.95, n_boot: int = 1000) -> pd.DataFrame:
+    """Do the parts of the true class survive each attack? One row per attack with at least
+    ``min_n`` successful evaluation-half examples (the fit half is the selection rule's).
+
+    A class's confidence on an image is the mean of its parts' calibrated confidences (the
+    quantity PARTICUL aggregates). Columns: ``true_clean`` (the true class on the clean
+    originals), ``true_adversarial`` (the true class on their adversarial versions),
+    ``predicted_adversarial`` (the class the classifier now predicts), each a mean over images
+    with a percentile bootstrap interval (SciPy, ``n_boot`` resamples, seeded); ``true_wins``:
+    the share of adversarial images on which the true class's parts are more confident than the
+    predicted class's among the images where they differ (ties, e.g. both saturated at 1, are
+    left out as in a sign test, and counted in ``ties``), with its Wilson interval. Chapter 3's rule reads ``true_wins`` alone: the parts survive an attack when
+    its interval lies above one half, and are erased when it lies below.
+    """
+    from scipy.stats import bootstrap
+
+    def mean_ci(values: np.ndarray) -> tuple[float, float, float]:
+        if len(values) < 2 or np.ptp(values) == 0:
+            return float(values.mean()), float(values.mean()), float(values.mean())
+        ci = bootstrap((values,), np.mean, n_resamples=n_boot, confidence_level=level, method="percentile",
+                       rng=np.random.default_rng(seed)).confidence_interval
+        return float(values.mean()), float(ci.low), float(ci.high)
+
+    columns = ["attack", "fixed_budget", "n"] + [f"{k}{s}" for k in ("true_clean", "true_adversarial", "predicted_adversarial",
+                                                                   "true_wins") for s in ("", "_low", "_high")] + ["ties"]
+    rows = []
+    for name, rec in records.items():
+        _, ev = split_halves(rec, seed)
+        if len(ev) < min_n:
+            continue
+        x_clean, x_adv = torch.from_numpy(rec.x_clean[ev]), torch.from_numpy(rec.x_adv[ev])
+        true, pred = rec.y_true[ev], rec.pred_adv[ev]
+        conf = {"true_clean": det.part_confidences(x_clean, true).mean(1),
+                "true_adversarial": det.part_confidences(x_adv, true).mean(1),
+                "predicted_adversarial": det.part_confidences(x_adv, pred).mean(1)}
+        row = {"attack": name, "fixed_budget": ATTACKS[name].fixed_budget, "n": len(ev)}
+        for key, values in conf.items():
+            row[key], row[f"{key}_low"], row[f"{key}_high"] = mean_ci(values)
+        true_adv, pred_adv = conf["true_adversarial"], conf["predicted_adversarial"]
+        wins, ties = int((true_adv > pred_adv).sum()), int((true_adv == pred_adv).sum())
+        decided = len(ev) - ties
+        low, high = metrics.wilson_interval(wins, decided, level)
+        rows.append({**row, "true_wins": wins / decided if decided else np.nan, "true_wins_low": low, "true_wins_high": high,
+                     "ties": ties})
+    return pd.DataFrame(rows, columns=columns)

@@ -109,17 +109,23 @@ def summary_row(record: attacks.AttackRecord) -> dict:
 def budget_checks(records: dict[str, attacks.AttackRecord], nb_classes: int) -> pd.DataFrame:
     """Was each budget spent as configured? One row per attack.
 
-    - white box: gradients counted per image against the bound derived from ART's calls;
+    - white box: gradients counted per image against the bound derived from ART's calls (above
+      it for any attack, or below it for one that ART never stops early: a bound set too high);
     - Boundary: iterations each image really ran against ``max_iter``;
-    - every attack: budget values that cannot bind (:func:`attacks.unbound_parameters`).
+    - every attack: budget values that cannot bind (:func:`attacks.unbound_parameters`);
+    - DeepFool: an ``nb_grads`` that the input makes moot (the record's ``warnings``).
     """
     rows = []
     for name, r in records.items():
         flags = attacks.unbound_parameters(name, r.budget, nb_classes)
+        flags += [w for w in r.warnings if w not in flags]  # run-time warnings the record keeps (DeepFool's class union)
         white = np.isfinite(r.gradient_bound)
         within = bool(r.gradients <= r.gradient_bound) if white else None
         if within is False:
             flags.append(f"{name}: {r.gradients:g} gradients per image, above the bound {r.gradient_bound:g}")
+        elif white and name in attacks.FULL_BUDGET and r.gradients < r.gradient_bound:
+            flags.append(f"{name}: {r.gradients:g} gradients per image, below the bound {r.gradient_bound:g} that an "
+                         "attack with no early stop reaches: the bound overstates the budget")
         counted = r.iterations >= 0
         no_start, short = attacks.iteration_shortfall(r.iterations, r.budget.get("max_iter", 0))
         if counted.any():
@@ -172,15 +178,17 @@ def robustness_metrics(trained: models.Trained, x: np.ndarray, y: np.ndarray, n_
     from art.metrics import clever_u, empirical_robustness, loss_sensitivity
 
     clf = attacks.wrap(trained.model, trained.input_shape, trained.num_classes, device)
-    np.random.seed(seed)  # CLEVER samples around each input with the global RNG
-    emp = empirical_robustness(clf, x, "fgsm", attack_params={"eps_step": 0.01, "eps": 1.0, "minimal": True, "batch_size": 128})
-    onehot = np.eye(trained.num_classes, dtype=np.float32)[y]
-    sens = loss_sensitivity(clf, x, onehot)
-    rows = [
-        {"metric": "empirical_robustness_fgsm", "sample": -1, "value": float(emp), "n": len(x)},
-        {"metric": "loss_sensitivity", "sample": -1, "value": float(sens), "n": len(x)},
-    ]
-    for i in range(min(n_clever, len(x))):
-        score = clever_u(clf, x[i], nb_batches=clever_batches, batch_size=clever_batch_size, radius=2.0, norm=2, pool_factor=3)
-        rows.append({"metric": "clever_u_l2", "sample": i, "value": float(score), "n": 1})
+    # CLEVER samples around each input with the global RNGs: seeded here, and the caller's states
+    # restored afterwards, as around every attack
+    with attacks.contained_random_states(seed):
+        emp = empirical_robustness(clf, x, "fgsm", attack_params={"eps_step": 0.01, "eps": 1.0, "minimal": True, "batch_size": 128})
+        onehot = np.eye(trained.num_classes, dtype=np.float32)[y]
+        sens = loss_sensitivity(clf, x, onehot)
+        rows = [
+            {"metric": "empirical_robustness_fgsm", "sample": -1, "value": float(emp), "n": len(x)},
+            {"metric": "loss_sensitivity", "sample": -1, "value": float(sens), "n": len(x)},
+        ]
+        for i in range(min(n_clever, len(x))):
+            score = clever_u(clf, x[i], nb_batches=clever_batches, batch_size=clever_batch_size, radius=2.0, norm=2, pool_factor=3)
+            rows.append({"metric": "clever_u_l2", "sample": i, "value": float(score), "n": 1})
     return pd.DataFrame(rows)

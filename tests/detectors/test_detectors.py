@@ -47,6 +47,11 @@ def test_empirical_pvalues_count_each_node_against_its_own_background():
     upper = (1 + at_least) / (m + 1)
     assert np.array_equal(ss.empirical_pvalues(bg, act, "upper"), upper)
     assert np.array_equal(ss.empirical_pvalues(bg, act, "two"), np.minimum(1, 2 * np.minimum(upper, (1 + at_most) / (m + 1))))
+    # float32 activations below the background's minimum: the shift must not round ties away
+    bg32 = rng.random((50, 40)).astype(np.float32) + 1.0
+    act32 = np.concatenate([bg32[:5] * 1.0, np.full((1, 40), -3.0, np.float32)])  # exact ties, and one far below
+    at_least32 = (bg32[None].astype(np.float64) >= act32[:, None].astype(np.float64)).sum(1)
+    assert np.array_equal(ss.empirical_pvalues(bg32, act32), (1 + at_least32) / (len(bg32) + 1))
 
 
 def test_scan_statistic_is_large_for_small_pvalues_and_small_for_uniform():

@@ -141,13 +141,24 @@ def test_bad_use_is_refused(fitted):
 
 
 # ---- the authors' training protocol (issue 10)
-def test_detectors_start_xavier_normal():
+def test_detectors_start_as_the_authors_conv2d_detectors():
+    """The authors build each detector as its own Conv2d(D, 1, 1) and Xavier-normal initialise it;
+    our (C·P)×D prototypes must start with the same spread, measured on such layers, not on a
+    formula of ours (one xavier_normal_ over the whole tensor starts √(257/336) ≈ 0.87× as wide here)."""
+    d, c, p = 256, 10, 8
     torch.manual_seed(0)
-    dec = pt.ParticulDecision(num_classes=10, num_features=256, num_parts=8, head=torch.nn.Identity())
+    dec = pt.ParticulDecision(num_classes=c, num_features=d, num_parts=p, head=torch.nn.Identity())
     w = dec.prototypes.detach().flatten().numpy()
-    expected_std = np.sqrt(2.0 / (256 + 80))  # Xavier: fan_in = D, fan_out = C·P for a 1×1 convolution
-    assert abs(w.mean()) < 0.1 * expected_std
-    assert w.std() == pytest.approx(expected_std, rel=0.03)
+    authors = []
+    for _ in range(c * p):
+        conv = torch.nn.Conv2d(d, 1, kernel_size=1, bias=False)
+        torch.nn.init.xavier_normal_(conv.weight)
+        authors.append(conv.weight.detach().flatten().numpy())
+    reference = np.concatenate(authors)
+    assert abs(w.mean()) < 0.1 * reference.std()
+    assert w.std() == pytest.approx(reference.std(), rel=0.03)
+    per_detector = dec.prototypes.detach().flatten(1).std(1).numpy()  # every detector, not only on average
+    assert per_detector.min() > 0.8 * reference.std() and per_detector.max() < 1.2 * reference.std()
     kurtosis = ((w - w.mean()) ** 4).mean() / w.var() ** 2
     assert kurtosis == pytest.approx(3.0, abs=0.2)  # normal (a uniform initialisation gives 1.8)
 

@@ -53,7 +53,8 @@ from ..attacks import model_digest
 from .base import Detector, DetectorError, hooked_batches, split
 
 MODES = ("categorical", "argmax", "mean")
-VERSION = 3  # 2: Xavier-normal initialisation, best-validation checkpoint, snapshots; 3: faster losses
+VERSION = 4  # 2: Xavier-normal initialisation, best-validation checkpoint, snapshots; 3: faster losses;
+# 4: Xavier-normal per detector (fan-out 1), as the authors
 
 
 # --------------------------------------------------------------------------- pure functions
@@ -157,8 +158,12 @@ class ParticulDecision(CaBRNetClassifier):
     def __init__(self, num_classes: int, num_features: int, num_parts: int, head: nn.Module):
         super().__init__(num_classes=num_classes, num_features=num_features)
         self.num_parts = num_parts
+        # The authors' detectors are one Conv2d(D, 1, 1) each, Xavier-normal initialised one by one:
+        # fan-in D, fan-out 1, std √(2/(D+1)). One xavier_normal_ on the whole (C·P)×D tensor would
+        # count C·P as the fan-out and start 0.7-0.9× as wide; each row is initialised on its own.
         protos = torch.empty(num_classes * num_parts, num_features, 1, 1)
-        nn.init.xavier_normal_(protos)  # as the authors initialise their 1×1 convolutions
+        for row in protos:
+            nn.init.xavier_normal_(row.unsqueeze(0))
         self.prototypes = nn.Parameter(protos)
         self.similarity_layer = DotProductSimilarity()
         self.head = head
