@@ -85,35 +85,26 @@ def study_squeezers(trained: models.Trained, records: dict[str, AttackRecord], s
     given = {k: v for k, v in detector_params.get("feature_squeezing", {}).items() if k in SQUEEZER_KEYS}
     if given:
         return given, [], "set by the profile (the authors' squeezers for this dataset)"
-    from .particul_search import selection_set
-
     record = records[selection_attack]
     fit_idx, eval_idx = split_halves(record, seed)
-    if indices is None:
-        x_clean, x_adv, used = selection_set(record, seed)
-        x_clean, x_adv = x_clean.numpy(), x_adv.numpy()
-        # the default must be the whole fit half, no more, no less (selection_set is shared with PARTICUL)
-        if not np.array_equal(used, fit_idx):
-            raise detectors.DetectorError(f"squeezer selection: the selection set of {selection_attack} is not its fit half")
-    else:
-        used = np.asarray(indices)
-        if used.ndim != 1 or not np.issubdtype(used.dtype, np.integer):
-            raise detectors.DetectorError(f"squeezer selection: indices must be a 1-D integer array, got {used.dtype} "
-                                          f"of shape {used.shape}")
-        leaked = np.intersect1d(used, eval_idx)
-        if len(leaked):
-            raise detectors.DetectorError(
-                f"squeezer selection: {len(leaked)} of the {len(used)} indices lie in the evaluation half of "
-                f"{selection_attack} (seed {seed}), e.g. {leaked[:5].tolist()}; the squeezers must be chosen on "
-                "fit-half images only (benchmark.split_halves)")
-        stray = np.setdiff1d(used, fit_idx)
-        if len(stray):
-            raise detectors.DetectorError(f"squeezer selection: indices {stray[:5].tolist()} are not fit-half adversarial "
-                                          f"examples of {selection_attack} (failed attacks, or outside the record)")
-        if len(np.unique(used)) != len(used) or len(used) < 2:
-            raise detectors.DetectorError(f"squeezer selection: need ≥ 2 distinct fit-half indices, got {len(used)} "
-                                          f"({len(np.unique(used))} distinct)")
-        x_clean, x_adv = record.x_clean[used], record.x_adv[used]
+    used = fit_idx if indices is None else np.asarray(indices)
+    if used.ndim != 1 or not np.issubdtype(used.dtype, np.integer):
+        raise detectors.DetectorError(f"squeezer selection: indices must be a 1-D integer array, got {used.dtype} "
+                                      f"of shape {used.shape}")
+    leaked = np.intersect1d(used, eval_idx)
+    if len(leaked):
+        raise detectors.DetectorError(
+            f"squeezer selection: {len(leaked)} of the {len(used)} indices lie in the evaluation half of "
+            f"{selection_attack} (seed {seed}), e.g. {leaked[:5].tolist()}; the squeezers must be chosen on "
+            "fit-half images only (benchmark.split_halves)")
+    stray = np.setdiff1d(used, fit_idx)
+    if len(stray):
+        raise detectors.DetectorError(f"squeezer selection: indices {stray[:5].tolist()} are not fit-half adversarial "
+                                      f"examples of {selection_attack} (failed attacks, or outside the record)")
+    if len(np.unique(used)) != len(used) or len(used) < 2:
+        raise detectors.DetectorError(f"squeezer selection: need ≥ 2 distinct fit-half indices, got {len(used)} "
+                                      f"({len(np.unique(used))} distinct)")
+    x_clean, x_adv = record.x_clean[used], record.x_adv[used]
     squeezers, candidates = detectors.feature_squeezing.select_squeezers(trained, x_clean, x_adv, device)
     return squeezers, candidates, (f"chosen on the fit half of {selection_attack} among every bit depth, median size and "
                                    "(bit depth, median) pair, by the joint detector's AUROC")
