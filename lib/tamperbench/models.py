@@ -174,25 +174,24 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return padded[:, :, dy : dy + h, dx : dx + w]
 
 
-def probabilities(model: nn.Module, x: torch.Tensor | np.ndarray, batch_size: int = 512, device: str = "auto") -> np.ndarray:
-    """Softmax probabilities (N×C) for images ``x`` (tensor or array), the model in eval mode."""
+def _batched(model: nn.Module, x, batch_size: int, device: str, head: Callable[[torch.Tensor], torch.Tensor]) -> list:
+    """``head(model(batch))`` for each batch of ``x`` (tensor or array), on the CPU, the model in eval mode."""
     dev = pick_device(device)
     model.eval().to(dev)
     x = torch.as_tensor(x)
     with torch.no_grad():
-        out = [torch.softmax(model(x[i : i + batch_size].to(dev)), 1).cpu() for i in range(0, len(x), batch_size)]
+        return [head(model(x[i : i + batch_size].to(dev))).cpu() for i in range(0, len(x), batch_size)]
+
+
+def probabilities(model: nn.Module, x: torch.Tensor | np.ndarray, batch_size: int = 512, device: str = "auto") -> np.ndarray:
+    """Softmax probabilities (N×C) for images ``x`` (tensor or array), the model in eval mode."""
+    out = _batched(model, x, batch_size, device, lambda z: torch.softmax(z, 1))
     return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
 
 
 def predict(model: nn.Module, x: torch.Tensor | np.ndarray, batch_size: int = 512, device: str = "auto") -> np.ndarray:
     """Predicted labels for images ``x`` (tensor or array), the model in eval mode."""
-    dev = pick_device(device)
-    model.eval().to(dev)
-    x = torch.as_tensor(x)
-    preds = []
-    with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            preds.append(model(x[i : i + batch_size].to(dev)).argmax(1).cpu())
+    preds = _batched(model, x, batch_size, device, lambda z: z.argmax(1))
     return torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
 
 

@@ -219,8 +219,9 @@ def part_survival(det: Particul, records: dict[str, AttackRecord], seed: int, mi
     with a percentile bootstrap interval (SciPy, ``n_boot`` resamples, seeded); ``true_wins``:
     the share of adversarial images on which the true class's parts are more confident than the
     predicted class's among the images where they differ (ties, e.g. both saturated at 1, are
-    left out as in a sign test, and counted in ``ties``), with its Wilson interval. Chapter 3's rule reads ``true_wins`` alone: the parts survive an attack when
-    its interval lies above one half, and are erased when it lies below.
+    left out as in a sign test, and counted in ``ties``), with its Wilson interval. Chapter 3's
+    rule reads ``true_wins`` alone: the parts survive an attack when its interval lies above one
+    half, and are erased when it lies below.
     """
     from scipy.stats import bootstrap
 
