@@ -269,3 +269,27 @@ def test_nothing_left_to_attack_is_not_an_error(data_root):
         assert (model(torch.as_tensor(start[0.3])).argmax(1) != y).all()
     out = adaptive.cascade(["selective"], model, score, everything, 0.0, x, y, [0.3, 0.5], 5, 0, {"toy": 3}, start=start)
     assert np.array_equal(out[0.5]["selective"], start[0.3])
+
+
+def test_a_combination_is_attacked_through_its_members_gradients_and_surrogates(data_root, fake_debian_fmnist):
+    """The combined detector's attack score has the exact score's value and a gradient through
+    each member's own gradient (MSP) or its surrogate (feature squeezing's BPDA): finite, non-zero,
+    from a stand-in ordered as the exact score."""
+    from scipy import stats
+
+    from tamperbench import data, models
+    from tamperbench.detectors import detector
+
+    trained = models.train_or_load("smallcnn", "fashion_mnist", models.TrainConfig(epochs=1, batch_size=32), "cpu")
+    train, test = data.load("fashion_mnist", "train"), data.load("fashion_mnist", "test")
+    comb = detector("combined", members=["msp", ("feature_squeezing", {"bit_depth": 1, "median_window": 2})],
+                    tails=["two", "upper"], device="cpu").fit(trained, train, calibration=test.x[:40])
+    score = adaptive.attack_score(comb)
+    x = test.x[40:70].clone().requires_grad_(True)
+    s = score(x)
+    (grad,) = torch.autograd.grad(s.sum(), x)
+    assert torch.isfinite(grad).all() and float(grad.abs().sum()) > 0
+    assert np.allclose(s.detach().numpy(), comb.score(test.x[40:70]), rtol=1e-5, atol=1e-5)  # judged on the exact value
+    soft = comb.torch_score(test.x[40:70], member_scores=[m.torch_score if m.name == "msp" else adaptive.attack_score(m)
+                                                          for m in comb.members]).detach().numpy()
+    assert stats.spearmanr(soft, comb.score(test.x[40:70])).statistic > 0.7  # the direction follows the score

@@ -28,7 +28,8 @@ def _write(tmp_path, body: str):
 
 SHARED = """
 shared: {seed: 0, device: auto, dataset: fashion_mnist, model: smallcnn, epochs: 1, batch_size: 8, lr: 0.1, n_train: null,
-         n_pool: 10, attack_suite: {fgsm: {n: 10, eps: 0.1}}, particul: {epochs: 1}, particul_search: {}}
+         n_pool: 10, attack_suite: {fgsm: {n: 10, eps: 0.1}}, particul: {epochs: 1}, particul_search: {},
+         combination: {}}
 """
 
 
@@ -56,6 +57,10 @@ shared: {seed: 0, device: auto, dataset: fashion_mnist, model: smallcnn, epochs:
          "unknown particul_search keys.*valid keys: layers, num_parts, multi_layer, selection_attack"),
         (SHARED.replace("particul_search: {}", "particul_search: {selection_attack: pgd}") + "profiles: {cpu: {}}",
          "selection_attack 'pgd' is not in the attack suite; valid: fgsm"),
+        (SHARED.replace("combination: {}", "combination: {members: [msp, lid]}") + "profiles: {cpu: {}}",
+         r"shared.combination: combination: members \['lid'\] are not unsupervised detectors; valid: particul"),
+        (SHARED.replace("combination: {}", "combination: {selection_attacks: [pgd]}") + "profiles: {cpu: {}}",
+         r"combination.selection_attacks \['pgd'\] are not in the attack suite; valid: fgsm"),
     ],
 )
 def test_bad_configurations_name_the_problem_and_the_choices(tmp_path, body, message):

@@ -14,6 +14,8 @@ The package is deliberately thin. Notebooks call it; each module does one job:
 - :mod:`tamperbench.detectors`  one module per detector, PARTICUL on CaBRNet first;
 - :mod:`tamperbench.particul_search`  PARTICUL's grid (layer, parts, aggregation) and the rule
   that picks the study's default configuration;
+- :mod:`tamperbench.combination`  combined detectors for the study: tails, members chosen on fit
+  halves, the clean images that calibrate them (chapters 4, 5, 7);
 - :mod:`tamperbench.metrics`    detection metrics with bootstrap intervals;
 - :mod:`tamperbench.benchmark`  the per-sample detection benchmark, cached scores;
 - :mod:`tamperbench.batch`      tampered batches: calibrated batch tests, BH flags, the simulation;
@@ -39,7 +41,7 @@ import importlib
 
 #: submodules reached as attributes (``tb.data.load(...)`` in notebooks), imported on first use:
 #: importing the package stays cheap (no torch) for what needs only paths, config or the runner
-_SUBMODULES = ("adaptive", "aggregate", "atomic", "attacks", "batch", "benchmark", "cache", "catalog", "config", "data",
+_SUBMODULES = ("adaptive", "aggregate", "atomic", "attacks", "batch", "benchmark", "cache", "catalog", "combination", "config", "data",
                "detectors", "metrics", "model_tampering", "models", "openood", "particul_search", "paths",
                "perturbations", "plots", "report", "results", "runner", "share", "suite", "sweep", "tampering")
 

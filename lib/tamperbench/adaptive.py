@@ -444,11 +444,24 @@ class FeatureResponseSurrogate(nn.Module):
 def attack_score(detector) -> Callable[[torch.Tensor], torch.Tensor]:
     """What an adaptive attacker differentiates for ``detector``: its own differentiable score, or
     the surrogate this module gives it (subset scanning: :class:`SoftSubsetScan`; feature
-    squeezing: :class:`BPDASqueezing`; feature response: :class:`FeatureResponseSurrogate`). A
+    squeezing: :class:`BPDASqueezing`; feature response: :class:`FeatureResponseSurrogate`; a
+    combined detector: its smoothed formula over each member's own gradient or surrogate). A
     detector with neither is left to the gradient-free check."""
     from .detectors.base import DetectorError
 
     name = getattr(detector, "name", "")
+    if name == "combined":
+        # the exact score's value, the smoothed combination's gradient (through each member's own
+        # gradient or surrogate): the attack stops and keeps iterates by the score it is judged on
+        members = [attack_score(m) for m in detector.members]
+        exact = detector.without_cache()
+
+        def combined_score(x: torch.Tensor) -> torch.Tensor:
+            soft = detector.torch_score(x, member_scores=members)
+            true = torch.as_tensor(exact.score(x.detach()), dtype=soft.dtype, device=soft.device)
+            return true + (soft - soft.detach())
+
+        return combined_score
     if name == "subset_scan":
         return SoftSubsetScan(detector).to(detector.device)
     if name == "feature_squeezing":

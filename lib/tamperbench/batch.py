@@ -44,11 +44,12 @@ successful examples of chapter 4's evaluation half.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from .detectors.combined import conformal_pvalues as _conformal_pvalues
 from .detectors.subset_scan import scan_statistic
 
 #: batch tests on one detector's scores
@@ -65,34 +66,42 @@ class BatchError(ValueError):
 # --------------------------------------------------------------------------- populations
 @dataclass(frozen=True)
 class HeldOut:
-    """Indices, in the test split, of the two clean held-out populations."""
+    """Indices, in the test split, of the clean held-out populations: ``calibration`` and
+    ``clean`` (chapter 5), and ``combination``, the images that calibrate the combined
+    detectors' member p-values (:mod:`tamperbench.combination`), set apart first."""
 
     calibration: np.ndarray
     clean: np.ndarray
+    combination: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
-def held_out_split(n_test: int, pool_indices: np.ndarray, n_calibration: int, seed: int = 0) -> HeldOut:
-    """Split the test images outside the attack pool into calibration and clean-batch populations.
+def held_out_split(n_test: int, pool_indices: np.ndarray, n_calibration: int, seed: int = 0,
+                   n_combination: int = 0) -> HeldOut:
+    """Split the test images outside the attack pool into the combination's calibration set
+    (its first ``n_combination`` images, in a seeded order), the calibration set and the clean
+    batch population (the rest).
 
     The attack pool (whose images the adversarial population comes from) is excluded, so no
-    clean original of an adversarial example is ever a clean sample or a calibration point.
+    clean original of an adversarial example is ever a clean sample or a calibration point. The
+    combination's set comes first in the order, so it is the same whatever ``n_calibration``.
     """
     if isinstance(n_calibration, bool) or not isinstance(n_calibration, int) or n_calibration < 1:
         raise BatchError(f"n_calibration must be an int ≥ 1, got {n_calibration!r}")
+    if isinstance(n_combination, bool) or not isinstance(n_combination, int) or n_combination < 0:
+        raise BatchError(f"n_combination must be an int ≥ 0, got {n_combination!r}")
     rest = np.setdiff1d(np.arange(n_test), np.asarray(pool_indices))
-    if n_calibration >= len(rest):
-        raise BatchError(f"n_calibration={n_calibration} leaves no clean batch population: only {len(rest)} test "
-                         "images lie outside the attack pool")
+    if n_combination + n_calibration >= len(rest):
+        raise BatchError(f"n_calibration={n_calibration} (+ n_combination={n_combination}) leaves no clean batch "
+                         f"population: only {len(rest)} test images lie outside the attack pool")
     order = np.random.default_rng([seed, 5]).permutation(rest)
-    return HeldOut(np.sort(order[:n_calibration]), np.sort(order[n_calibration:]))
+    k = n_combination
+    return HeldOut(np.sort(order[k : k + n_calibration]), np.sort(order[k + n_calibration :]), np.sort(order[:k]))
 
 
 # --------------------------------------------------------------------------- per-sample quantities
 def conformal_pvalues(calibration: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """:math:`(1 + \\#\\{cal \\ge s\\}) / (1 + n_{cal})` for each score (higher score = more suspicious)."""
-    cal = np.sort(np.asarray(calibration, dtype=np.float64))
-    at_least = len(cal) - np.searchsorted(cal, np.asarray(scores, dtype=np.float64), side="left")
-    return (1.0 + at_least) / (1.0 + len(cal))
+    return _conformal_pvalues(calibration, scores, "upper")
 
 
 @dataclass

@@ -68,6 +68,31 @@ def choose_on_fit_half(candidates: dict[str, dict], trained: models.Trained, tra
     return best, table.assign(chosen=table.detector == best)
 
 
+def fit_half_indices(record: AttackRecord, seed: int, indices: np.ndarray | None = None,
+                     what: str = "selection") -> np.ndarray:
+    """Positions in ``record`` a choice may look at: its fit half, or the part of it given as
+    ``indices``. Any other position, an evaluation-half one above all, raises
+    :class:`detectors.DetectorError`: no caller can hand evaluation data to a choice."""
+    fit_idx, eval_idx = split_halves(record, seed)
+    used = fit_idx if indices is None else np.asarray(indices)
+    if used.ndim != 1 or not np.issubdtype(used.dtype, np.integer):
+        raise detectors.DetectorError(f"{what}: indices must be a 1-D integer array, got {used.dtype} of shape {used.shape}")
+    leaked = np.intersect1d(used, eval_idx)
+    if len(leaked):
+        raise detectors.DetectorError(
+            f"{what}: {len(leaked)} of the {len(used)} indices lie in the evaluation half of {record.name} "
+            f"(seed {seed}), e.g. {leaked[:5].tolist()}; choices are made on fit-half images only "
+            "(benchmark.split_halves)")
+    stray = np.setdiff1d(used, fit_idx)
+    if len(stray):
+        raise detectors.DetectorError(f"{what}: indices {stray[:5].tolist()} are not fit-half adversarial "
+                                      f"examples of {record.name} (failed attacks, or outside the record)")
+    if len(np.unique(used)) != len(used) or len(used) < 2:
+        raise detectors.DetectorError(f"{what}: need ≥ 2 distinct fit-half indices, got {len(used)} "
+                                      f"({len(np.unique(used))} distinct)")
+    return used
+
+
 SQUEEZER_KEYS = ("bit_depth", "median_window", "nl_means")
 
 
@@ -86,24 +111,7 @@ def study_squeezers(trained: models.Trained, records: dict[str, AttackRecord], s
     if given:
         return given, [], "set by the profile (the authors' squeezers for this dataset)"
     record = records[selection_attack]
-    fit_idx, eval_idx = split_halves(record, seed)
-    used = fit_idx if indices is None else np.asarray(indices)
-    if used.ndim != 1 or not np.issubdtype(used.dtype, np.integer):
-        raise detectors.DetectorError(f"squeezer selection: indices must be a 1-D integer array, got {used.dtype} "
-                                      f"of shape {used.shape}")
-    leaked = np.intersect1d(used, eval_idx)
-    if len(leaked):
-        raise detectors.DetectorError(
-            f"squeezer selection: {len(leaked)} of the {len(used)} indices lie in the evaluation half of "
-            f"{selection_attack} (seed {seed}), e.g. {leaked[:5].tolist()}; the squeezers must be chosen on "
-            "fit-half images only (benchmark.split_halves)")
-    stray = np.setdiff1d(used, fit_idx)
-    if len(stray):
-        raise detectors.DetectorError(f"squeezer selection: indices {stray[:5].tolist()} are not fit-half adversarial "
-                                      f"examples of {selection_attack} (failed attacks, or outside the record)")
-    if len(np.unique(used)) != len(used) or len(used) < 2:
-        raise detectors.DetectorError(f"squeezer selection: need ≥ 2 distinct fit-half indices, got {len(used)} "
-                                      f"({len(np.unique(used))} distinct)")
+    used = fit_half_indices(record, seed, indices, "squeezer selection")
     x_clean, x_adv = record.x_clean[used], record.x_adv[used]
     squeezers, candidates = detectors.feature_squeezing.select_squeezers(trained, x_clean, x_adv, device)
     return squeezers, candidates, (f"chosen on the fit half of {selection_attack} among every bit depth, median size and "

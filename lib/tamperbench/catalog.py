@@ -15,7 +15,7 @@ from . import adaptive, attacks, config, data, detectors, model_tampering, openo
 def _detector_parameters(name: str) -> str:
     factory = detectors.DETECTORS[name]
     target = getattr(factory, "func", factory)  # functools.partial for the pytorch-ood family
-    skip = {"self", "kw", "kwargs", "method"}
+    skip = {"self", "kw", "kwargs"} | ({"method"} if hasattr(factory, "func") else set())  # pytorch-ood's method is the name
     params = {}  # name → "name=default", subclass first, each name once
     for cls in getattr(target, "__mro__", [target]):
         init = cls.__dict__.get("__init__") if isinstance(cls, type) else cls

@@ -54,6 +54,8 @@ SHARED_TYPES: dict[str, tuple[type, ...]] = {
     # and the grid of layers and part counts its default configuration is chosen from
     "particul": (dict,),
     "particul_search": (dict,),
+    # the combined detectors (chapters 4, 5, 7): members, candidates, method, calibration images
+    "combination": (dict,),
 }
 #: Every notebook declares these; the others are injected where a notebook declares them.
 REQUIRED_SHARED = ("seed", "device", "dataset", "model", "epochs", "batch_size", "lr", "n_train")
@@ -318,6 +320,18 @@ def _check_shared(block: Any, where: str, require_all: bool) -> dict:
         if isinstance(block.get("attack_suite"), dict) and block["attack_suite"] and search["selection_attack"] not in block["attack_suite"]:
             raise ConfigError(f"{where}.particul_search.selection_attack {search['selection_attack']!r} is not in the "
                               f"attack suite; valid: {', '.join(block['attack_suite'])}")
+    if "combination" in block:
+        from .combination import CombinationError, settings
+
+        try:
+            combo = settings(block["combination"])
+        except CombinationError as exc:
+            raise ConfigError(f"{where}.combination: {exc}") from exc
+        suite_names = block.get("attack_suite") if isinstance(block.get("attack_suite"), dict) else {}
+        stray = [a for a in combo["selection_attacks"] or [] if suite_names and a not in suite_names]
+        if stray:
+            raise ConfigError(f"{where}.combination.selection_attacks {stray} are not in the attack suite; "
+                              f"valid: {', '.join(suite_names)}")
     if require_all:
         missing = [k for k in SHARED_TYPES if k not in block]
         if missing:

@@ -8,7 +8,7 @@ from tamperbench.detectors import feature_response as fr
 from tamperbench.detectors import lid as lid_mod
 from tamperbench.detectors import subset_scan as ss
 
-UNSUPERVISED = [n for n in available() if n not in ("lid", "kd_bu", "mahalanobis_adv")]
+UNSUPERVISED = [n for n in available() if n not in ("lid", "kd_bu", "mahalanobis_adv", "combined")]  # combined: tests/detectors/test_combined.py
 
 
 # ---------------------------------------------------------------- pure scoring functions

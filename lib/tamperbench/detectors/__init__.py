@@ -12,6 +12,7 @@ from functools import partial
 
 from . import ood
 from .base import Detector, DetectorError, unknown_parameters
+from .combined import Combined
 from .feature_response import FeatureResponse
 from .feature_squeezing import FeatureSqueezing
 from .kd_bu import KDBU
@@ -33,6 +34,7 @@ DETECTORS = {
     "lid": LID,
     "kd_bu": KDBU,
     "mahalanobis_adv": MahalanobisAdv,
+    "combined": Combined,
 }
 #: detectors that need adversarial examples to fit
 SUPERVISED = ("lid", "kd_bu", "mahalanobis_adv")
