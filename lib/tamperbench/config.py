@@ -57,6 +57,9 @@ SHARED_TYPES: dict[str, tuple[type, ...]] = {
     # the combined detectors (chapters 4, 5, 7): members, candidates, method, calibration images
     "combination": (dict,),
 }
+#: Shared values a study may leave out: their defaults live with the code that reads them
+#: (``combination``: :data:`tamperbench.combination.DEFAULTS`).
+OPTIONAL_SHARED = ("combination",)
 #: Every notebook declares these; the others are injected where a notebook declares them.
 REQUIRED_SHARED = ("seed", "device", "dataset", "model", "epochs", "batch_size", "lr", "n_train")
 TOP_KEYS = ("shared", "default_profile", "profiles", "sweeps")
@@ -333,9 +336,9 @@ def _check_shared(block: Any, where: str, require_all: bool) -> dict:
             raise ConfigError(f"{where}.combination.selection_attacks {stray} are not in the attack suite; "
                               f"valid: {', '.join(suite_names)}")
     if require_all:
-        missing = [k for k in SHARED_TYPES if k not in block]
+        missing = [k for k in SHARED_TYPES if k not in block and k not in OPTIONAL_SHARED]
         if missing:
-            raise ConfigError(f"{where} lacks {', '.join(missing)}; it must set: {', '.join(SHARED_TYPES)}")
+            raise ConfigError(f"{where} lacks {', '.join(missing)}; it must set: {', '.join(k for k in SHARED_TYPES if k not in OPTIONAL_SHARED)}")
     from . import data, models
 
     for key, registry in (("dataset", data.available()), ("model", models.available())):

@@ -143,5 +143,5 @@ def test_the_member_that_flags_an_input_keeps_a_gradient_far_beyond_the_calibrat
     (grad,) = torch.autograd.grad(det.torch_score(x).sum(), x)
     assert grad[0, 0] > 0 and grad[0, 0] >= grad[0, 1], (method, grad)
     # and the cap keeps a member at p = 1 from hiding the other one (Cauchy's tan(−π/2))
-    low = det.score(np.array([[8.0, -10.0]]))
-    assert np.isfinite(low).all() and low[0] > det.score(np.array([[0.0, -10.0]]))[0]
+    low = det.combine([np.array([8.0]), np.array([-10.0])])
+    assert np.isfinite(low).all() and low[0] > det.combine([np.array([0.0]), np.array([-10.0])])[0]

@@ -41,6 +41,8 @@ of its own. Combining a detector with itself ranks inputs exactly as the detecto
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -127,6 +129,8 @@ class Combined(Detector):
         super().__init__(device=device, batch_size=batch_size, seed=seed)
         from . import DETECTORS, SUPERVISED
 
+        self.member_batch_size, self.batch_size = batch_size, sys.maxsize  # one _score call per input
+
         if isinstance(members, (str, bytes)) or not isinstance(members, (list, tuple)) or len(members) < 1:
             raise DetectorError(f"combined: members must be a list of at least one detector, got {members!r}")
         self.member_specs = [member_spec(m) for m in members]
@@ -188,7 +192,7 @@ class Combined(Detector):
         if calibration is None or len(calibration) == 0:
             raise DetectorError("combined: fit(trained, clean_train, calibration=x_cal) needs held-out clean images "
                                 "(not training images) to calibrate its members' p-values")
-        self.members = [detector(name, device=str(self.device), batch_size=self.batch_size, **{"seed": self.seed, **params})
+        self.members = [detector(name, device=str(self.device), batch_size=self.member_batch_size, **{"seed": self.seed, **params})
                         .fit(trained, clean_train) for name, params in self.member_specs]
         x_cal = torch.as_tensor(np.asarray(calibration) if not isinstance(calibration, torch.Tensor) else calibration)
         self.calibration = [self._checked_calibration(m.score(x_cal), m.name) for m in self.members]
@@ -208,12 +212,11 @@ class Combined(Detector):
             raise DetectorError(f"combined: expected {len(self.calibration)} members' scores, got {len(member_scores)}")
         return -combined_log_pvalue(self.pvalues(member_scores), self.method)
 
-    def score(self, x, invalid: str = "raise") -> np.ndarray:
-        # the members check the input and batch it themselves: one call each on the whole input
-        if not self.is_fitted:
-            raise DetectorError(f"{self.name}: call fit(trained, clean_train, calibration=...) before score(x)")
-        scorers = self.scorers or [lambda v, m=m: m.score(v, invalid=invalid) for m in self.members]
-        return self.combine([np.asarray(f(x), dtype=np.float64) for f in scorers])
+    def _score(self, x: torch.Tensor) -> np.ndarray:
+        # the base class checked the input and passes it whole (batch_size is unbounded): each
+        # member batches it itself, and a cached scorer sees the same array the chapters cache
+        scorers = self.scorers or [m.score for m in self.members]
+        return self.combine([np.asarray(f(x.cpu()), dtype=np.float64) for f in scorers])
 
     def torch_score(self, x: torch.Tensor, member_scores=None, bandwidth: float = 1.0) -> torch.Tensor:
         r"""A differentiable stand-in of the score, for adaptive attacks (its *gradient* is what
