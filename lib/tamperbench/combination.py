@@ -34,8 +34,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import batch, benchmark, detectors, metrics
-from .detectors.combined import METHODS, Combined
+from . import batch, benchmark, detectors
+from .detectors.combined import METHODS, Combined, combined_log_pvalue, member_pvalues
 
 #: the study's defaults (the config's shared ``combination`` block overrides them)
 DEFAULTS = {
@@ -134,32 +134,15 @@ def auroc(clean: np.ndarray, adversarial: np.ndarray) -> float:
 
 
 def _pvalues(scores: dict[str, FitHalf], tails: dict[str, str], attack: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    from .detectors.combined import member_pvalues
-
     return {n: tuple(member_pvalues(sc.calibration, s, tails[n]) for s in sc.attacks[attack]) for n, sc in scores.items()}
 
 
 def fit_half_auroc(scores: dict[str, FitHalf], names, tails: dict[str, str], method: str, attack: str,
                    pvalues: dict | None = None) -> float:
     """AUROC, on ``attack``'s fit half, of the combination of ``names``."""
-    from .detectors.combined import combined_log_pvalue
-
     pv = pvalues or _pvalues({n: scores[n] for n in names}, tails, attack)
     clean, adv = (-combined_log_pvalue(np.stack([pv[n][i] for n in names], axis=1), method) for i in (0, 1))
     return auroc(clean, adv)
-
-
-def combine_from_scores(calibration: list[np.ndarray], tails: list[str], method: str):
-    """A function of the members' scores giving the combination's score (no detector needed)."""
-    from .detectors.combined import combined_log_pvalue, member_pvalues
-
-    cal = [np.sort(np.asarray(c, dtype=np.float64)) for c in calibration]
-
-    def score(member_scores):
-        p = np.stack([member_pvalues(c, s, t) for c, s, t in zip(cal, member_scores, tails)], axis=1)
-        return -combined_log_pvalue(p, method)
-
-    return score
 
 
 @dataclass
@@ -184,7 +167,7 @@ def choose(scores: dict[str, FitHalf], cfg: dict, tail_attacks: list[str], selec
             clean, adv = sc.attacks[attack]
             p_lower = lower_pvalue(clean, adv)
             tail_rows.append({"detector": name, "attack": attack, "n_fit_half": len(adv),
-                              "auroc_fit_half": metrics.detection_metrics(clean, adv)["auroc"], "p_lower": p_lower,
+                              "auroc_fit_half": auroc(clean, adv), "p_lower": p_lower,
                               # the smallest one-sided Mann–Whitney p-value these sample sizes allow
                               "smallest_possible_p": 1.0 / math.comb(len(clean) + len(adv), len(adv)),
                               "level": TAIL_LEVEL / len(tail_attacks)})
